@@ -1,0 +1,352 @@
+r"""Affinity distillation loss (He et al., CVPR 2019, eqs. 3-4), exact and memory-linear.
+
+The affinity of a feature map :math:`\psi` of shape (C, H, W) with
+:math:`N = HW` positions is the N x N matrix of scaled cosine similarities
+
+.. math::
+
+    A_{ij} = \frac{1}{N}\,
+        \frac{\psi_i}{\lVert\psi_i\rVert_2} \cdot \frac{\psi_j}{\lVert\psi_j\rVert_2},
+
+and the loss compares the student's and the teacher's affinities row by row.
+Written that way it needs two N x N matrices per image: at output stride 8 on a
+1024 x 2048 Cityscapes frame, N = 32768 and one matrix takes 4.3 GB in float32.
+
+This module computes the same value without any N x N tensor. With
+:math:`S` (:math:`C_s \times N`) and :math:`T` (:math:`C_t \times N`) the
+position-normalised features of one image, columns :math:`s_i` and :math:`t_i`,
+
+.. math::
+
+    N^2 \lVert A^s_i - A^t_i \rVert_2^2 = \lVert S^\top s_i - T^\top t_i \rVert_2^2
+        = s_i^\top G_{ss}\, s_i - 2\, s_i^\top G_{st}\, t_i + t_i^\top G_{tt}\, t_i,
+
+with the Gram matrices :math:`G_{ss} = SS^\top`, :math:`G_{st} = ST^\top`,
+:math:`G_{tt} = TT^\top` of size C x C. Every term is a batched matrix product:
+:math:`O(BNC^2)` time and :math:`O(B(NC + C^2))` memory instead of
+:math:`O(BN^2C)` and :math:`O(BN^2)`. The squared-Frobenius variant is cheaper
+still, because :math:`\sum_i s_i^\top G_{ss} s_i = \lVert G_{ss} \rVert_F^2`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from segdistill._checks import (
+    check_choice,
+    check_feature_map,
+    check_positive_int,
+    check_real,
+    check_same_batch,
+    check_same_device,
+)
+from segdistill._features import RESIZE_MODES, Resize, align_spatial, full_precision
+from segdistill._reduction import Reduction, check_reduction, reduce_loss
+
+__all__ = ["AffinityLoss", "affinity_loss", "affinity_matrix"]
+
+Distance = Literal["l2", "squared"]
+Method = Literal["auto", "dense", "linear"]
+DISTANCES: tuple[str, ...] = ("l2", "squared")
+METHODS: tuple[str, ...] = ("auto", "dense", "linear")
+
+# Rows whose squared distance falls below this many machine epsilons of the
+# (non-negative) Gram terms it was computed from are rounding noise: the true
+# value there is zero to working precision, so it counts as zero, with a zero
+# gradient, instead of feeding 1 / sqrt(noise) into the backward pass.
+_CANCELLATION_ULPS = 32.0
+
+# Upper bound on the elements of one dense row block (B x rows x N).
+_DENSE_BLOCK_ELEMENTS = 1 << 24
+
+
+def _flatten_normalized(x: Tensor, eps: float) -> Tensor:
+    """(B, C, H, W) -> (B, C, N) with each position's channel vector of unit L2 norm."""
+    flat = x.flatten(2)
+    norm = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
+    return flat / norm.clamp_min(eps)
+
+
+def affinity_matrix(features: Tensor, eps: float = 1e-8) -> Tensor:
+    r"""The dense affinity matrix of eq. (3), one N x N matrix per image.
+
+    This materialises the matrix, so it is meant for inspecting a map (the
+    paper's Figure 3 plots one row of it) and for small inputs; the loss never
+    calls it.
+
+    .. math::
+
+        A_{ij} = \frac{1}{N}\,
+            \frac{\psi_i}{\lVert\psi_i\rVert_2} \cdot \frac{\psi_j}{\lVert\psi_j\rVert_2}
+
+    Args:
+        features: a feature map.
+        eps: lower bound on a position's norm before dividing, so that an
+            all-zero position gives a zero row instead of NaN.
+
+    Shape:
+        - features: :math:`(B, C, H, W)`.
+        - output: :math:`(B, N, N)` with :math:`N = HW`, row-major positions.
+
+    Returns:
+        The affinity matrices, in at least float32.
+
+    Raises:
+        TypeError: ``features`` is not a floating-point tensor.
+        ValueError: ``features`` is not 4-D or is empty.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> a = affinity_matrix(torch.randn(1, 8, 2, 2))
+        >>> a.shape
+        torch.Size([1, 4, 4])
+        >>> a[0].diagonal()  # each position is its own perfect match: 1 / N
+        tensor([0.2500, 0.2500, 0.2500, 0.2500])
+    """
+    check_feature_map(features, "features")
+    check_real("eps", eps, minimum=0.0, strict=True)
+    ctx, (x,) = full_precision(features)
+    with ctx:
+        s = _flatten_normalized(x, eps)
+        return s.mT @ s / s.shape[-1]
+
+
+def _dense_is_cheaper(n: int, c_s: int, c_t: int, distance: str) -> bool:
+    """Compare multiply-add counts per image of the dense and the linear algorithm.
+
+    Dense: the two N x N products, :math:`N^2 (C_s + C_t)`. Linear: the three
+    Gram blocks, :math:`N (C_s^2 + C_s C_t + C_t^2)`, and for the row-wise L2
+    distance as much again to apply them to every position.
+    """
+    grams = c_s * c_s + c_s * c_t + c_t * c_t
+    linear = grams * n * (2 if distance == "l2" else 1)
+    dense = n * n * (c_s + c_t)
+    return dense <= linear
+
+
+def _row_distances_linear(s: Tensor, t: Tensor, distance: str) -> Tensor:
+    """Per-row distances scaled by N, from C x C Gram matrices only.
+
+    Returns :math:`N\\lVert A^s_i - A^t_i\\rVert_2` (shape (B, N)) for ``'l2'``
+    and :math:`N^2 \\sum_i \\lVert A^s_i - A^t_i\\rVert_2^2` (shape (B,)) for
+    ``'squared'``.
+    """
+    g_ss = s @ s.mT
+    g_st = s @ t.mT
+    g_tt = t @ t.mT
+    if distance == "squared":
+        # sum_i s_i' G s_i = trace(S' G S) = trace(G S S') = ||G||_F^2
+        total = g_ss.square().sum((1, 2)) - 2 * g_st.square().sum((1, 2))
+        total = total + g_tt.square().sum((1, 2))
+        return total.clamp_min(0.0)
+    a = ((g_ss @ s) * s).sum(1)
+    b = ((g_st @ t) * s).sum(1)
+    c = ((g_tt @ t) * t).sum(1)
+    r = a - 2 * b + c
+    floor = _CANCELLATION_ULPS * torch.finfo(r.dtype).eps * (a + c).detach()
+    keep = r > floor
+    # Double where: the square root never sees a non-positive argument, so
+    # neither its value nor its gradient can become NaN or infinite.
+    safe = torch.where(keep, r, torch.ones_like(r))
+    return torch.where(keep, safe.sqrt(), torch.zeros_like(r))
+
+
+def _row_distances_dense(s: Tensor, t: Tensor, distance: str, chunk_size: int | None) -> Tensor:
+    """The same quantities as :func:`_row_distances_linear`, from blocks of N x N rows."""
+    batch, _, n = s.shape
+    rows = chunk_size or max(1, _DENSE_BLOCK_ELEMENTS // max(1, batch * n))
+    parts = []
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        diff = s[:, :, start:stop].mT @ s - t[:, :, start:stop].mT @ t
+        if distance == "squared":
+            parts.append(diff.square().sum((1, 2)))
+        else:
+            parts.append(torch.linalg.vector_norm(diff, dim=-1))
+    if distance == "squared":
+        return torch.stack(parts).sum(0)
+    return torch.cat(parts, dim=1)
+
+
+def _check_options(
+    distance: str, method: str, resize: str, chunk_size: int | None, eps: float, reduction: str
+) -> None:
+    check_choice("distance", distance, DISTANCES)
+    check_choice("method", method, METHODS)
+    check_choice("resize", resize, RESIZE_MODES)
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
+    check_real("eps", eps, minimum=0.0, strict=True)
+    check_reduction(reduction)
+
+
+def affinity_loss(
+    student: Tensor,
+    teacher: Tensor,
+    *,
+    distance: Distance = "l2",
+    method: Method = "auto",
+    resize: Resize = "none",
+    chunk_size: int | None = None,
+    eps: float = 1e-8,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    r"""Affinity distillation loss of He et al. (CVPR 2019), eq. (4).
+
+    For each image, the mean over positions of the L2 distance between the
+    rows of the student's and the teacher's affinity matrices (eq. 3):
+
+    .. math::
+
+        \mathcal{L}_{aff} = \frac{1}{N} \sum_{i=1}^{N}
+            \big\lVert A_i(\psi_s) - A_i(\psi_t) \big\rVert_2 ,
+
+    or, with ``distance='squared'``, the mean over rows of the squared distance,
+    :math:`\frac{1}{N}\lVert A(\psi_s) - A(\psi_t)\rVert_F^2`. In the paper
+    :math:`\psi_s = C_a(\phi_s)` (the student's features through an
+    :class:`~segdistill.Adapter`) and :math:`\psi_t = E(\phi_t)` (the teacher's
+    features through the :class:`~segdistill.Translator`'s encoder). The two
+    maps may have different channel counts; their affinities are N x N either
+    way.
+
+    ``method='linear'`` computes this exactly from C x C Gram matrices and
+    never allocates an N x N tensor (see the module docstring);
+    ``method='dense'`` builds the affinity rows explicitly, in row blocks;
+    ``method='auto'`` picks whichever needs fewer multiply-adds for the shapes
+    at hand (linear unless the channel count is comparable to N or larger).
+    All methods compute in float32 at least, with autocast disabled.
+
+    Args:
+        student: the student's (adapted) feature map.
+        teacher: the teacher's (translated) feature map.
+        distance: ``'l2'`` for the paper's row-wise L2 distance, ``'squared'``
+            for its square (a squared-Frobenius loss, smooth everywhere).
+        method: ``'auto'``, ``'dense'`` or ``'linear'``; all give the same value.
+        resize: the maps must share H x W unless this is ``'student'`` (resize
+            the teacher's map bilinearly onto the student's grid) or
+            ``'teacher'`` (the other way round). Nothing is resized silently.
+        chunk_size: rows per block for the dense method; by default blocks of
+            at most :math:`2^{24}` elements.
+        eps: lower bound on a position's norm before normalising, so that an
+            all-zero feature vector gives zero affinities instead of NaN.
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'`` over the batch.
+
+    Shape:
+        - student: :math:`(B, C_s, H, W)`.
+        - teacher: :math:`(B, C_t, H, W)` (or another H x W with ``resize``).
+        - output: scalar, or :math:`(B,)` with ``reduction='none'``.
+
+    Returns:
+        The loss, in the compute dtype (float32, or float64 for float64 inputs).
+
+    Raises:
+        TypeError: an input is not a floating-point tensor.
+        ValueError: an input is not 4-D or is empty, the batch sizes or the
+            spatial sizes differ (without ``resize``), the inputs are on
+            different devices, or an option has an unknown value.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> student, teacher = torch.randn(2, 16, 8, 8), torch.randn(2, 32, 8, 8)
+        >>> loss = affinity_loss(student, teacher)
+        >>> round(loss.item(), 4)
+        0.0305
+        >>> dense = affinity_loss(student, teacher, method="dense")
+        >>> torch.allclose(loss, dense, rtol=1e-4)
+        True
+        >>> affinity_loss(teacher, teacher).abs().item() < 1e-6
+        True
+    """
+    check_feature_map(student, "student")
+    check_feature_map(teacher, "teacher")
+    check_same_device(student, teacher, ("student", "teacher"))
+    check_same_batch(student, teacher, ("student", "teacher"))
+    _check_options(distance, method, resize, chunk_size, eps, reduction)
+    student, teacher = align_spatial(student, teacher, resize)
+
+    ctx, (x_s, x_t) = full_precision(student, teacher)
+    with ctx:
+        s = _flatten_normalized(x_s, eps)
+        t = _flatten_normalized(x_t, eps)
+        n = s.shape[-1]
+        use_dense = method == "dense" or (
+            method == "auto" and _dense_is_cheaper(n, s.shape[1], t.shape[1], distance)
+        )
+        if use_dense:
+            rows = _row_distances_dense(s, t, distance, chunk_size)
+        else:
+            rows = _row_distances_linear(s, t, distance)
+        if distance == "squared":
+            per_image = rows / n**3  # (B,) holds N^2 * sum_i ||A^s_i - A^t_i||^2
+        else:
+            per_image = rows.mean(dim=1) / n  # rows hold N * ||A^s_i - A^t_i||
+        return reduce_loss(per_image, reduction)
+
+
+class AffinityLoss(nn.Module):
+    r"""Affinity distillation loss of He et al. (CVPR 2019), as a module.
+
+    Stores the options of :func:`affinity_loss` and calls it in ``forward``;
+    see that function for the formula, the algorithm and the arguments.
+
+    Args:
+        distance: ``'l2'`` (the paper's) or ``'squared'``.
+        method: ``'auto'``, ``'dense'`` or ``'linear'``.
+        resize: ``'none'``, ``'student'`` or ``'teacher'``.
+        chunk_size: rows per block for the dense method.
+        eps: lower bound on a position's norm before normalising.
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'`` over the batch.
+
+    Shape:
+        - student: :math:`(B, C_s, H, W)`.
+        - teacher: :math:`(B, C_t, H, W)`.
+        - output: scalar, or :math:`(B,)` with ``reduction='none'``.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> criterion = AffinityLoss()
+        >>> criterion
+        AffinityLoss(distance='l2', method='auto', resize='none', eps=1e-08, reduction='mean')
+        >>> round(criterion(torch.randn(2, 16, 8, 8), torch.randn(2, 32, 8, 8)).item(), 4)
+        0.0305
+    """
+
+    def __init__(
+        self,
+        distance: Distance = "l2",
+        method: Method = "auto",
+        resize: Resize = "none",
+        chunk_size: int | None = None,
+        eps: float = 1e-8,
+        reduction: Reduction = "mean",
+    ) -> None:
+        super().__init__()
+        _check_options(distance, method, resize, chunk_size, eps, reduction)
+        self.distance: Distance = distance
+        self.method: Method = method
+        self.resize: Resize = resize
+        self.chunk_size = chunk_size
+        self.eps = eps
+        self.reduction: Reduction = reduction
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return affinity_loss(
+            student,
+            teacher,
+            distance=self.distance,
+            method=self.method,
+            resize=self.resize,
+            chunk_size=self.chunk_size,
+            eps=self.eps,
+            reduction=self.reduction,
+        )
+
+    def extra_repr(self) -> str:
+        chunk = "" if self.chunk_size is None else f", chunk_size={self.chunk_size}"
+        return (
+            f"distance={self.distance!r}, method={self.method!r}, resize={self.resize!r}"
+            f"{chunk}, eps={self.eps}, reduction={self.reduction!r}"
+        )
