@@ -61,7 +61,7 @@ def check_real(
             raise ValueError(f"{name} must be greater than {minimum}, got {value}")
         if not strict and value < minimum:
             raise ValueError(f"{name} must be at least {minimum}, got {value}")
-    return value
+    return float(value)
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -100,7 +100,7 @@ def check_shape(x: Any, name: str, dims: Sequence[str]) -> dict[str, int]:
         raise TypeError(f"expected {name} to have a floating-point dtype, got {x.dtype}")
     if x.numel() == 0:
         raise ValueError(f"expected {name} to be non-empty, got shape {tuple(x.shape)}")
-    return dict(zip(dims, x.shape))
+    return dict(zip(dims, x.shape, strict=True))
 
 
 def check_feature_map(x: Any, name: str) -> dict[str, int]:

@@ -62,4 +62,5 @@ def normalize_channels(x: Tensor, dim: int, p: float = 2.0, eps: float = 1e-8) -
     A zero vector stays zero (instead of becoming NaN), with a finite gradient.
     """
     norm = torch.linalg.vector_norm(x, ord=p, dim=dim, keepdim=True)
-    return x / norm.clamp_min(eps)
+    normalized: Tensor = x / norm.clamp_min(eps)
+    return normalized

@@ -77,7 +77,10 @@ class Translator(nn.Module):
         self.num_layers = check_positive_int("num_layers", num_layers)
         c, z = self.in_channels, self.latent_channels
         self.encoder = nn.Sequential(
-            *(ConvBNReLU(c if i == 0 else z, z, stride=2 if i == 0 else 1) for i in range(num_layers))
+            *(
+                ConvBNReLU(c if i == 0 else z, z, stride=2 if i == 0 else 1)
+                for i in range(num_layers)
+            )
         )
         last = num_layers - 1
         self.decoder = nn.ModuleList(
@@ -104,7 +107,7 @@ class Translator(nn.Module):
             output_size = (2 * h, 2 * w)
         else:
             output_size = tuple(output_size)[-2:]
-            if any(o not in (2 * i - 1, 2 * i) for o, i in zip(output_size, (h, w))):
+            if any(o not in (2 * i - 1, 2 * i) for o, i in zip(output_size, (h, w), strict=True)):
                 raise ValueError(
                     f"output_size {tuple(output_size)} cannot be decoded from a {h} x {w} code; "
                     f"expected ({2 * h - 1} or {2 * h}, {2 * w - 1} or {2 * w})"

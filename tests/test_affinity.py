@@ -8,7 +8,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from segdistill import AffinityLoss, affinity_loss, affinity_matrix
@@ -154,7 +153,7 @@ def test_zero_when_equal_up_to_positive_per_position_scale(shape, seed, method):
 @given(shape=shapes, seed=st.integers(0, 2**16), distance=st.sampled_from(["l2", "squared"]))
 def test_invariant_to_a_shared_permutation_of_positions(shape, seed, distance):
     student, teacher = _features(shape, torch.float64, seed)
-    b, _, _, h, w = shape
+    _, _, _, h, w = shape
     perm = torch.randperm(h * w, generator=torch.Generator().manual_seed(seed))
 
     def permute(x):

@@ -102,10 +102,10 @@ def adaptation_loss(
         >>> _ = torch.manual_seed(0)
         >>> student, teacher = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
         >>> round(adaptation_loss(student, teacher).item(), 4)
-        1.9962
+        3.3777
         >>> adaptation_loss(student, teacher, reduction="none").shape
         torch.Size([2, 4, 4])
-        >>> adaptation_loss(3.0 * teacher, teacher).item()  # scale-invariant
+        >>> round(adaptation_loss(3.0 * teacher, teacher).item(), 6)  # scale-invariant
         0.0
     """
     check_feature_map(student, "student")
@@ -155,9 +155,10 @@ class AdaptationLoss(nn.Module):
         >>> _ = torch.manual_seed(0)
         >>> criterion = AdaptationLoss(p=2.0)
         >>> criterion
-        AdaptationLoss(p=2.0, q=2.0, normalize='position', resize='none', eps=1e-08, reduction='mean')
+        AdaptationLoss(p=2.0, q=2.0, normalize='position', resize='none', eps=1e-08,
+                       reduction='mean')
         >>> round(criterion(torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)).item(), 4)
-        1.4157
+        1.4267
     """
 
     def __init__(
