@@ -1,0 +1,122 @@
+"""Stage 1: train_translator on a frozen teacher, checkpoints and resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import snapshot, tiny_pair
+from torch.utils.data import DataLoader, TensorDataset
+
+from segdistill import Translator, load_checkpoint, save_checkpoint, train_translator
+
+
+def _loader(n=24, batch=4):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, 16, 16, generator=g)
+    labels = torch.zeros(n, 16, 16, dtype=torch.long)
+    return DataLoader(TensorDataset(images, labels), batch_size=batch, shuffle=False)
+
+
+def test_trains_and_leaves_the_teacher_untouched():
+    torch.manual_seed(0)
+    teacher, _ = tiny_pair()
+    before = snapshot(teacher)
+    result = train_translator(teacher, _loader(), "relu", epochs=4, lr=0.05, progress=False)
+    assert len(result.history) == 4 * 6
+    assert sum(result.history[-3:]) < 0.7 * sum(result.history[:3])
+    assert not result.translator.training
+    assert result.translator.in_channels == 12
+    for name, value in snapshot(teacher).items():
+        assert torch.equal(value, before[name])
+    assert not teacher.relu._forward_hooks  # hooks removed
+
+
+def test_paper_defaults_in_the_optimiser(monkeypatch):
+    seen = {}
+    original = torch.optim.SGD.__init__
+
+    def spy(self, params, **kwargs):
+        seen.update(kwargs)
+        original(self, params, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "__init__", spy)
+    teacher, _ = tiny_pair()
+    train_translator(teacher, _loader(8), "relu", progress=False)
+    assert seen == {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
+
+
+def test_batches_as_dicts_and_tensors():
+    teacher, _ = tiny_pair()
+    images = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    assert len(train_translator(teacher, images, "relu", progress=False).history) == 2
+    dicts = [{"image": x, "label": None} for x in images]
+    assert len(train_translator(teacher, dicts, "relu", max_steps=1,
+                                progress=False).history) == 1
+
+
+def test_checkpoint_loads_with_weights_only_and_resume_is_exact(tmp_path):
+    teacher, _ = tiny_pair()
+    straight = train_translator(teacher, _loader(), "relu", epochs=2, progress=False,
+                                translator=_seeded_translator())
+    path = tmp_path / "ckpt" / "translator.pt"
+    first = train_translator(teacher, _loader(), "relu", epochs=2, max_steps=5,
+                             progress=False, translator=_seeded_translator(),
+                             checkpoint_path=path, checkpoint_every=2)
+    assert len(first.history) == 5
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 5 and len(state["history"]) == 5
+    resumed = train_translator(teacher, _loader(), "relu", epochs=2, progress=False,
+                               checkpoint_path=path, resume=True)
+    assert resumed.history == pytest.approx(straight.history, rel=1e-6, abs=1e-7)
+    for name, value in snapshot(resumed.translator).items():
+        torch.testing.assert_close(value, snapshot(straight.translator)[name])
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def _seeded_translator():
+    torch.manual_seed(3)
+    return Translator(12, latent_channels=4)
+
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"step": 1}, path)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"step": 2}, path)
+    assert load_checkpoint(path) == {"step": 1}  # the old checkpoint survives intact
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"teacher": "t"}, TypeError, r"expected the teacher to be an nn.Module, got str"),
+    ({"feature_layer": "rel"}, ValueError, r"no submodule 'rel'; closest valid paths: 'relu'"),
+    ({"lr": -1.0}, ValueError, r"lr must be at least 0.0, got -1.0"),
+    ({"epochs": 0}, ValueError, r"epochs must be a positive int, got 0"),
+    ({"resume": True}, ValueError, r"resume and checkpoint_every need a checkpoint_path"),
+    ({"loader": []}, ValueError, r"the loader yielded no batches"),
+    ({"translator": Translator(5)}, ValueError, r"expected translator input with 5 channels"),
+])
+def test_errors(kwargs, error, match):
+    teacher, _ = tiny_pair()
+    args = {"teacher": teacher, "loader": _loader(8), "feature_layer": "relu",
+            "progress": False, **kwargs}
+    with pytest.raises(error, match=match):
+        train_translator(**args)
+
+
+def test_feature_that_is_not_4d():
+    teacher, _ = tiny_pair()
+    teacher.flat = torch.nn.Flatten()
+    with pytest.raises(ValueError, match=r"expected the teacher's feature at 'flat' to be a 4-D "
+                                         r"\(B, C, H, W\) tensor, got shape \(2, 80\)"):
+        train_translator(teacher, [torch.randn(2, 3, 8, 8)], "flat", progress=False)
+
+
+def test_load_checkpoint_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "nope.pt")
