@@ -1,7 +1,9 @@
 """segdistill: knowledge adaptation for efficient semantic segmentation in PyTorch.
 
 Implements He et al., "Knowledge Adaptation for Efficient Semantic
-Segmentation" (CVPR 2019) as composable modules with functional twins.
+Segmentation" (CVPR 2019) as composable modules with functional twins, beside
+the baselines it is compared with (KD, FitNet, attention transfer, pair-wise
+similarity and channel-wise distillation).
 """
 
 from segdistill.adapter import Adapter
@@ -10,12 +12,25 @@ from segdistill.hooks import FeatureHooks
 from segdistill.losses import (
     AdaptationLoss,
     AffinityLoss,
+    AttentionTransferLoss,
+    CWDLoss,
+    FitNetLoss,
+    KDLoss,
+    PairwiseLoss,
     ReconstructionLoss,
     adaptation_loss,
     affinity_loss,
     affinity_matrix,
+    attention_map,
+    attention_transfer_loss,
+    cwd_loss,
+    fitnet_loss,
+    kd_loss,
+    pairwise_loss,
     reconstruction_loss,
 )
+from segdistill.metrics import ConfusionMatrix
+from segdistill.profiling import count_flops, count_parameters, measure_throughput
 from segdistill.translator import Translator, TranslatorOutput
 from segdistill.translator_training import TranslatorTraining, train_translator
 from segdistill.wrapper import DistillationOutput, DistillationTerm, DistillationWrapper
@@ -26,10 +41,16 @@ __all__ = [
     "AdaptationLoss",
     "Adapter",
     "AffinityLoss",
+    "AttentionTransferLoss",
+    "CWDLoss",
+    "ConfusionMatrix",
     "DistillationOutput",
     "DistillationTerm",
     "DistillationWrapper",
     "FeatureHooks",
+    "FitNetLoss",
+    "KDLoss",
+    "PairwiseLoss",
     "ReconstructionLoss",
     "Translator",
     "TranslatorOutput",
@@ -38,7 +59,16 @@ __all__ = [
     "adaptation_loss",
     "affinity_loss",
     "affinity_matrix",
+    "attention_map",
+    "attention_transfer_loss",
+    "count_flops",
+    "count_parameters",
+    "cwd_loss",
+    "fitnet_loss",
+    "kd_loss",
     "load_checkpoint",
+    "measure_throughput",
+    "pairwise_loss",
     "reconstruction_loss",
     "save_checkpoint",
     "train_translator",

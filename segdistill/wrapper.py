@@ -16,6 +16,11 @@ from segdistill.adapter import Adapter
 from segdistill.hooks import FeatureHooks, select_output
 from segdistill.losses.adaptation import AdaptationLoss
 from segdistill.losses.affinity import AffinityLoss
+from segdistill.losses.attention import AttentionTransferLoss
+from segdistill.losses.cwd import CWDLoss
+from segdistill.losses.fitnet import FitNetLoss
+from segdistill.losses.kd import KDLoss
+from segdistill.losses.pairwise import PairwiseLoss
 from segdistill.translator import Translator
 
 __all__ = ["OUTPUT", "DistillationOutput", "DistillationTerm", "DistillationWrapper"]
@@ -181,8 +186,10 @@ class DistillationWrapper(nn.Module):
     teacher and every term's ``teacher_transform`` are frozen: eval mode,
     ``requires_grad=False``, and :meth:`train` never switches them back.
 
-    Presets: :meth:`knowledge_adaptation` (He et al., CVPR 2019),
-    :meth:`kd` (Hinton et al., 2015) and :meth:`fitnet` (Romero et al., 2015).
+    Presets: :meth:`knowledge_adaptation` (He et al., CVPR 2019), and the
+    baselines :meth:`kd` (Hinton et al., 2015), :meth:`fitnet` (Romero et al.,
+    2015), :meth:`attention_transfer` (Zagoruyko and Komodakis, 2017),
+    :meth:`pairwise` (Liu et al., 2019) and :meth:`cwd` (Shu et al., 2021).
 
     Args:
         teacher: the trained teacher.
@@ -399,7 +406,9 @@ class DistillationWrapper(nn.Module):
 
         (add the task's cross-entropy yourself). :math:`E` is the trained
         translator's encoder, frozen; :math:`C_f` and :math:`C_a` are two new
-        :class:`~segdistill.Adapter`\ s trained with the student.
+        :class:`~segdistill.Adapter`\ s trained with the student. A weight of
+        0 leaves its term out altogether (no adapter, no cost), which is how
+        the paper's ablations of each term alone are run.
 
         Args:
             teacher: the trained teacher.
@@ -419,20 +428,21 @@ class DistillationWrapper(nn.Module):
         check_positive_int("student_channels", student_channels)
         latent = translator.latent_channels
         encoder = _Encoder(translator)
-        terms = {
-            "adaptation": DistillationTerm(
-                AdaptationLoss(), student="features", teacher="features",
-                weight=adaptation_weight, resize=resize,
-                student_adapter=Adapter(student_channels, latent, adapter_layers),
-                teacher_transform=encoder,
-            ),
-            "affinity": DistillationTerm(
-                AffinityLoss(), student="features", teacher="features",
-                weight=affinity_weight, resize=resize,
-                student_adapter=Adapter(student_channels, latent, adapter_layers),
-                teacher_transform=encoder,
-            ),
+        losses: dict[str, tuple[nn.Module, float]] = {
+            "adaptation": (AdaptationLoss(), adaptation_weight),
+            "affinity": (AffinityLoss(), affinity_weight),
         }
+        terms = {
+            name: DistillationTerm(
+                loss, student="features", teacher="features", weight=weight, resize=resize,
+                student_adapter=Adapter(student_channels, latent, adapter_layers),
+                teacher_transform=encoder,
+            )
+            for name, (loss, weight) in losses.items()
+            if check_real(f"{name}_weight", weight, minimum=0.0) > 0
+        }
+        if not terms:
+            raise ValueError("adaptation_weight and affinity_weight are both 0: nothing to distil")
         _freeze(translator)  # the decoder too: stage 2 uses the encoder only
         return cls(teacher, student, terms, {"features": teacher_layer},
                    {"features": student_layer})
@@ -448,13 +458,12 @@ class DistillationWrapper(nn.Module):
         ignore_index: int | None = 255,
         output_key: str | int | None = None,
     ) -> DistillationWrapper:
-        """Hinton et al.'s knowledge distillation on the models' logits, pixel-wise.
+        """Hinton et al.'s knowledge distillation on the models' logits, pixel-wise
+        (:class:`~segdistill.KDLoss`).
 
         Pass the labels as ``target`` to the wrapper to leave out the pixels
         labelled ``ignore_index``.
         """
-        from segdistill.losses.kd import KDLoss
-
         term = DistillationTerm(
             KDLoss(temperature=temperature, ignore_index=ignore_index),
             student=OUTPUT, teacher=OUTPUT, weight=weight, align=False, uses_target=True,
@@ -473,9 +482,8 @@ class DistillationWrapper(nn.Module):
         teacher_channels: int,
         weight: float = 1.0,
     ) -> DistillationWrapper:
-        """Romero et al.'s FitNet hint: student features upsampled, regressed, L2."""
-        from segdistill.losses.fitnet import FitNetLoss
-
+        """Romero et al.'s FitNet hint (:class:`~segdistill.FitNetLoss`): student features
+        through a 1x1 regressor, upsampled to the teacher's grid, L2."""
         term = DistillationTerm(
             FitNetLoss(student_channels, teacher_channels), student="features",
             teacher="features", weight=weight, align=False,
@@ -483,3 +491,60 @@ class DistillationWrapper(nn.Module):
         return cls(teacher, student, {"fitnet": term}, {"features": teacher_layer},
                    {"features": student_layer})
 
+    @classmethod
+    def attention_transfer(
+        cls,
+        teacher: nn.Module,
+        student: nn.Module,
+        *,
+        teacher_layer: str,
+        student_layer: str,
+        weight: float = 1000.0,
+        resize: Resize = "teacher",
+    ) -> DistillationWrapper:
+        """Zagoruyko and Komodakis's attention transfer
+        (:class:`~segdistill.AttentionTransferLoss`), with their weight of 1000.
+
+        The student's map is resized onto the teacher's grid by default.
+        """
+        term = DistillationTerm(AttentionTransferLoss(), student="features",
+                                teacher="features", weight=weight, resize=resize)
+        return cls(teacher, student, {"attention": term}, {"features": teacher_layer},
+                   {"features": student_layer})
+
+    @classmethod
+    def pairwise(
+        cls,
+        teacher: nn.Module,
+        student: nn.Module,
+        *,
+        teacher_layer: str,
+        student_layer: str,
+        weight: float = 1.0,
+        patch_size: int | tuple[int, int] | None = None,
+        resize: Resize = "none",
+    ) -> DistillationWrapper:
+        """Liu et al.'s pair-wise similarity distillation (:class:`~segdistill.PairwiseLoss`),
+        memory-linear, with optional patch pooling."""
+        term = DistillationTerm(PairwiseLoss(patch_size=patch_size), student="features",
+                                teacher="features", weight=weight, resize=resize)
+        return cls(teacher, student, {"pairwise": term}, {"features": teacher_layer},
+                   {"features": student_layer})
+
+    @classmethod
+    def cwd(
+        cls,
+        teacher: nn.Module,
+        student: nn.Module,
+        *,
+        temperature: float = 4.0,
+        weight: float = 3.0,
+        output_key: str | int | None = None,
+        resize: Resize = "teacher",
+    ) -> DistillationWrapper:
+        """Shu et al.'s channel-wise distillation on the logits (:class:`~segdistill.CWDLoss`),
+        with their temperature 4 and weight 3; the student's logits are resized onto the
+        teacher's grid by default."""
+        term = DistillationTerm(CWDLoss(temperature=temperature), student=OUTPUT,
+                                teacher=OUTPUT, weight=weight, resize=resize)
+        return cls(teacher, student, {"cwd": term}, output_key=output_key)

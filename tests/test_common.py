@@ -12,28 +12,31 @@ import torch
 import segdistill as sd
 
 # (module factory, functional twin, kwargs for both, input factory)
+def _pair(cs, ct, hs=5, ws=4, ht=None, wt=None):
+    return lambda dt, dev: (torch.randn(2, cs, hs, ws, dtype=dt, device=dev),
+                            torch.randn(2, ct, ht or hs, wt or ws, dtype=dt, device=dev))
+
+
 LOSSES = {
-    "affinity": (
-        sd.AffinityLoss, sd.affinity_loss, {"distance": "squared", "reduction": "sum"},
-        lambda dt, dev: (torch.randn(2, 6, 5, 4, dtype=dt, device=dev),
-                         torch.randn(2, 3, 5, 4, dtype=dt, device=dev)),
-    ),
-    "affinity_dense": (
-        sd.AffinityLoss, sd.affinity_loss, {"method": "dense", "chunk_size": 3},
-        lambda dt, dev: (torch.randn(2, 6, 5, 4, dtype=dt, device=dev),
-                         torch.randn(2, 3, 5, 4, dtype=dt, device=dev)),
-    ),
-    "adaptation": (
-        sd.AdaptationLoss, sd.adaptation_loss, {"p": 2.0, "normalize": "sample"},
-        lambda dt, dev: (torch.randn(2, 6, 5, 4, dtype=dt, device=dev),
-                         torch.randn(2, 6, 5, 4, dtype=dt, device=dev)),
-    ),
+    "affinity": (sd.AffinityLoss, sd.affinity_loss, {"distance": "squared", "reduction": "sum"},
+                 _pair(6, 3)),
+    "affinity_dense": (sd.AffinityLoss, sd.affinity_loss, {"method": "dense", "chunk_size": 3},
+                       _pair(6, 3)),
+    "adaptation": (sd.AdaptationLoss, sd.adaptation_loss, {"p": 2.0, "normalize": "sample"},
+                   _pair(6, 6)),
     "reconstruction": (
         sd.ReconstructionLoss, sd.reconstruction_loss, {"alpha": 0.01, "reduction": "none"},
         lambda dt, dev: (torch.randn(2, 6, 6, 4, dtype=dt, device=dev),
                          torch.randn(2, 6, 6, 4, dtype=dt, device=dev),
                          torch.randn(2, 6, 3, 2, dtype=dt, device=dev)),
     ),
+    "kd": (sd.KDLoss, sd.kd_loss, {"temperature": 2.0}, _pair(5, 5, 3, 3, 6, 6)),
+    "fitnet": (lambda **kw: sd.FitNetLoss(4, 4, **kw), sd.fitnet_loss, {"reduction": "sum"},
+               _pair(4, 4, 3, 3, 6, 6)),
+    "attention": (sd.AttentionTransferLoss, sd.attention_transfer_loss, {"p": 3.0},
+                  _pair(3, 7)),
+    "pairwise": (sd.PairwiseLoss, sd.pairwise_loss, {"patch_size": 2}, _pair(3, 7)),
+    "cwd": (sd.CWDLoss, sd.cwd_loss, {"temperature": 2.0}, _pair(4, 4)),
 }
 
 

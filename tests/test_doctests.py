@@ -12,7 +12,9 @@ import torch
 import segdistill
 
 MODULES = sorted(
-    info.name for info in pkgutil.walk_packages(segdistill.__path__, prefix="segdistill.")
+    info.name
+    for info in pkgutil.walk_packages(segdistill.__path__, prefix="segdistill.")
+    if not info.name.endswith("__main__")  # importing it runs the program
 )
 
 

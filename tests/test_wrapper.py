@@ -13,6 +13,11 @@ from segdistill import (
     DistillationWrapper,
     Translator,
     affinity_loss,
+    attention_transfer_loss,
+    cwd_loss,
+    fitnet_loss,
+    kd_loss,
+    pairwise_loss,
 )
 
 
@@ -201,6 +206,82 @@ def test_plain_sequential_pair_with_custom_terms():
     wrapper = DistillationWrapper(teacher, student, terms, {"t": "relu"}, {"s": "relu"})
     out = wrapper(torch.randn(2, 3, 8, 8))
     assert out.losses["aff"].ndim == 0 and out.losses["aff"] > 0
+
+
+def test_kd_preset_with_torchvision_dict_outputs_and_an_ignore_mask():
+    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+
+    torch.manual_seed(0)
+    teacher = deeplabv3_teacher(num_classes=4)
+    student = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4)
+    wrapper = DistillationWrapper.kd(teacher, student, temperature=2.0)
+    x = torch.randn(2, 3, 32, 32)
+    target = torch.randint(0, 4, (2, 32, 32))
+    target[:, :16] = 255
+    out = wrapper(x, target=target)
+    with torch.no_grad():
+        t_logits = teacher(x)["out"]
+    expected = kd_loss(out.output["out"], t_logits, target, temperature=2.0)
+    torch.testing.assert_close(out.losses["kd"], expected)
+    assert not torch.allclose(expected, kd_loss(out.output["out"], t_logits, temperature=2.0))
+
+
+def test_fitnet_preset_trains_its_regressor():
+    teacher, student = tiny_pair()
+    wrapper = DistillationWrapper.fitnet(teacher, student, teacher_layer="relu",
+                                         student_layer="relu", student_channels=6,
+                                         teacher_channels=12)
+    regressor = wrapper.terms["fitnet"].loss.regressor
+    assert {id(p) for p in regressor.parameters()} <= {
+        id(p) for p in wrapper.trainable_parameters()}
+    x = torch.randn(2, 3, 16, 16)
+    out = wrapper(x)
+    phi_t = teacher.relu(teacher.body(teacher.act(teacher.stem(x))))
+    phi_s = student.relu(student.down(student.act(student.stem(x))))
+    torch.testing.assert_close(out.losses["fitnet"],
+                               fitnet_loss(regressor(phi_s), phi_t.detach()))
+
+
+@pytest.mark.parametrize("preset,kwargs,fn", [
+    ("attention_transfer", {"teacher_layer": "relu", "student_layer": "relu"},
+     lambda s, t: 1000 * attention_transfer_loss(
+         nn.functional.interpolate(s, size=t.shape[-2:], mode="bilinear"), t)),
+    ("pairwise", {"teacher_layer": "relu", "student_layer": "relu", "resize": "student"},
+     lambda s, t: pairwise_loss(s, nn.functional.interpolate(t, size=s.shape[-2:],
+                                                             mode="bilinear"))),
+])
+def test_feature_presets(preset, kwargs, fn):
+    teacher, student = tiny_pair()
+    wrapper = getattr(DistillationWrapper, preset)(teacher, student, **kwargs)
+    x = torch.randn(2, 3, 16, 16)
+    out = wrapper(x)
+    phi_t = teacher.relu(teacher.body(teacher.act(teacher.stem(x)))).detach()
+    phi_s = student.relu(student.down(student.act(student.stem(x))))
+    (name,) = out.losses
+    torch.testing.assert_close(out.losses[name], fn(phi_s, phi_t))
+
+
+def test_cwd_preset_on_logits():
+    teacher, student = tiny_pair()
+    wrapper = DistillationWrapper.cwd(teacher, student)
+    x = torch.randn(2, 3, 16, 16)
+    out = wrapper(x)
+    t_logits = teacher(x).detach()
+    s_up = nn.functional.interpolate(out.output, size=t_logits.shape[-2:], mode="bilinear")
+    torch.testing.assert_close(out.losses["cwd"], 3.0 * cwd_loss(s_up, t_logits))
+
+
+def test_zero_weight_leaves_a_term_out():
+    teacher, student = tiny_pair()
+    wrapper = DistillationWrapper.knowledge_adaptation(
+        teacher, student, teacher_layer="relu", student_layer="relu",
+        translator=Translator(12), student_channels=6, adaptation_weight=0.0)
+    assert list(wrapper.terms) == ["affinity"]
+    with pytest.raises(ValueError, match=r"both 0: nothing to distil"):
+        DistillationWrapper.knowledge_adaptation(
+            teacher, student, teacher_layer="relu", student_layer="relu",
+            translator=Translator(12), student_channels=6, adaptation_weight=0.0,
+            affinity_weight=0.0)
 
 
 # ---- errors ----------------------------------------------------------------------------

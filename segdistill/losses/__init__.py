@@ -2,14 +2,34 @@
 
 from segdistill.losses.adaptation import AdaptationLoss, adaptation_loss
 from segdistill.losses.affinity import AffinityLoss, affinity_loss, affinity_matrix
+from segdistill.losses.attention import (
+    AttentionTransferLoss,
+    attention_map,
+    attention_transfer_loss,
+)
+from segdistill.losses.cwd import CWDLoss, cwd_loss
+from segdistill.losses.fitnet import FitNetLoss, fitnet_loss
+from segdistill.losses.kd import KDLoss, kd_loss
+from segdistill.losses.pairwise import PairwiseLoss, pairwise_loss
 from segdistill.losses.reconstruction import ReconstructionLoss, reconstruction_loss
 
 __all__ = [
     "AdaptationLoss",
     "AffinityLoss",
+    "AttentionTransferLoss",
+    "CWDLoss",
+    "FitNetLoss",
+    "KDLoss",
+    "PairwiseLoss",
     "ReconstructionLoss",
     "adaptation_loss",
     "affinity_loss",
     "affinity_matrix",
+    "attention_map",
+    "attention_transfer_loss",
+    "cwd_loss",
+    "fitnet_loss",
+    "kd_loss",
+    "pairwise_loss",
     "reconstruction_loss",
 ]

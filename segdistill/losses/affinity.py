@@ -172,6 +172,18 @@ def _row_distances_dense(s: Tensor, t: Tensor, distance: str, chunk_size: int | 
     return torch.cat(parts, dim=1)
 
 
+def _row_distances(
+    s: Tensor, t: Tensor, distance: str, method: str, chunk_size: int | None
+) -> Tensor:
+    """Dispatch to the dense or the linear algorithm (``method='auto'``: by cost)."""
+    use_dense = method == "dense" or (
+        method == "auto" and _dense_is_cheaper(s.shape[-1], s.shape[1], t.shape[1], distance)
+    )
+    if use_dense:
+        return _row_distances_dense(s, t, distance, chunk_size)
+    return _row_distances_linear(s, t, distance)
+
+
 def _check_options(
     distance: str, method: str, resize: str, chunk_size: int | None, eps: float, reduction: str
 ) -> None:
@@ -273,13 +285,7 @@ def affinity_loss(
         s = _flatten_normalized(x_s, eps)
         t = _flatten_normalized(x_t, eps)
         n = s.shape[-1]
-        use_dense = method == "dense" or (
-            method == "auto" and _dense_is_cheaper(n, s.shape[1], t.shape[1], distance)
-        )
-        if use_dense:
-            rows = _row_distances_dense(s, t, distance, chunk_size)
-        else:
-            rows = _row_distances_linear(s, t, distance)
+        rows = _row_distances(s, t, distance, method, chunk_size)
         # 'squared' rows: (B,) of N^2 sum_i ||A^s_i - A^t_i||^2; 'l2' rows: (B, N) of
         # N ||A^s_i - A^t_i||
         per_image = rows / n**3 if distance == "squared" else rows.mean(dim=1) / n

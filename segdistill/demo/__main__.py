@@ -1,0 +1,7 @@
+"""``python -m segdistill.demo``."""
+
+import sys
+
+from segdistill.demo.run import main
+
+sys.exit(main())

@@ -1,0 +1,302 @@
+"""The demo: the paper's pipeline and ablation at small scale, on a CPU, in minutes.
+
+``python -m segdistill.demo`` trains a teacher, a student baseline, the
+translator and a distilled student on digit scenes, prints a table and writes
+a figure. ``python -m segdistill.demo --ablation`` runs every method of the
+paper's Tables 1 and 3 over three seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segdistill.demo import models
+from segdistill.demo.data import NUM_CLASSES, DigitScenes, make_digit_scenes
+from segdistill.metrics import ConfusionMatrix
+from segdistill.profiling import count_flops, count_parameters
+from segdistill.translator import Translator
+from segdistill.translator_training import train_translator
+from segdistill.wrapper import DistillationWrapper
+
+__all__ = ["METHODS", "DemoConfig", "main", "run"]
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and schedules of a demo run; the defaults are the short run."""
+
+    train_scenes: int = 2000
+    val_scenes: int = 500
+    size: int = 48
+    batch_size: int = 32
+    teacher_steps: int = 1000
+    student_steps: int = 1000
+    translator_steps: int = 300
+    lr: float = 0.05
+    weight_decay: float = 4e-5
+    methods: Sequence[str] = ("student", "adaptation+affinity")
+    seeds: Sequence[int] = (0,)
+    out_dir: str = "demo_out"
+    progress: bool = True
+    figure: bool = True
+    log: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+
+def _poly(step: int, total: int, power: float = 0.9) -> float:
+    return float((1 - step / total) ** power)
+
+
+def _progress(iterable: Any, desc: str, enabled: bool, total: int | None = None) -> Any:
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False, unit="step")
+
+
+def _batches(data: DigitScenes, batch_size: int, steps: int, seed: int) -> Any:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        index = torch.randint(len(data.images), (batch_size,), generator=g)
+        yield data.images[index], data.labels[index]
+
+
+def train_segmenter(
+    model: nn.Module,
+    data: DigitScenes,
+    steps: int,
+    config: DemoConfig,
+    seed: int,
+    desc: str,
+) -> list[float]:
+    """SGD with momentum and the poly schedule, cross-entropy plus the wrapper's terms.
+
+    ``model`` is a plain segmenter or a :class:`DistillationWrapper` around one.
+    """
+    wrapper = model if isinstance(model, DistillationWrapper) else None
+    params = list(wrapper.trainable_parameters() if wrapper else model.parameters())
+    opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    model.train()
+    history = []
+    bar = _progress(_batches(data, config.batch_size, steps, seed), desc, config.progress, steps)
+    for step, (x, y) in enumerate(bar):
+        for group in opt.param_groups:
+            group["lr"] = config.lr * _poly(step, steps)
+        if wrapper is not None:
+            out = wrapper(x, target=y)
+            loss = F.cross_entropy(out.output, y) + out.loss
+        else:
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+        if hasattr(bar, "set_postfix") and step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DigitScenes, batch_size: int = 100) -> ConfusionMatrix:
+    """Val confusion matrix of a plain segmenter."""
+    model.eval()
+    cm = ConfusionMatrix(NUM_CLASSES, ignore_index=None)
+    for start in range(0, len(data.images), batch_size):
+        x = data.images[start:start + batch_size]
+        cm.update(model(x).argmax(1), data.labels[start:start + batch_size])
+    return cm
+
+
+def _make_wrapper(method: str, teacher: nn.Module, student: nn.Module,
+                  translator: Translator) -> DistillationWrapper | None:
+    """The wrapper for one ablation method, built as a user would build it."""
+    if method == "student":
+        return None
+    if method.startswith("kd_T"):
+        return DistillationWrapper.kd(teacher, student, temperature=float(method[4:]),
+                                      ignore_index=None)
+    if method == "fitnet":
+        return DistillationWrapper.fitnet(
+            teacher, student, teacher_layer=models.TEACHER_FEATURES,
+            student_layer=models.STUDENT_FEATURES, student_channels=48, teacher_channels=64,
+        )
+    weights = {"adaptation": (50.0, 0.0), "affinity": (0.0, 1.0),
+               "adaptation+affinity": (50.0, 1.0)}
+    if method not in weights:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    adaptation, affinity = weights[method]
+    return DistillationWrapper.knowledge_adaptation(
+        teacher, student, teacher_layer=models.TEACHER_FEATURES,
+        student_layer=models.STUDENT_FEATURES, translator=translator, student_channels=48,
+        adaptation_weight=adaptation, affinity_weight=affinity,
+    )
+
+
+METHODS: tuple[str, ...] = (
+    "student", "kd_T2", "kd_T4", "kd_T6", "fitnet",
+    "affinity", "adaptation", "adaptation+affinity",
+)
+"""Every ablation method, as in the paper's Tables 1 and 3 (the teacher is reported too)."""
+
+
+def run(config: DemoConfig) -> dict[str, Any]:
+    """Train and evaluate everything ``config`` asks for; return the results."""
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    train = make_digit_scenes("train", config.train_scenes, size=config.size, seed=0)
+    val = make_digit_scenes("val", config.val_scenes, size=config.size, seed=0)
+    example = val.images[:1]
+
+    torch.manual_seed(0)
+    teacher = models.teacher()
+    train_segmenter(teacher, train, config.teacher_steps, config, seed=10_000, desc="teacher")
+    teacher.eval()
+    results: dict[str, Any] = {"config": {k: v for k, v in asdict(config).items() if k != "log"},
+                               "machine": _machine(), "rows": []}
+    teacher_cm = evaluate(teacher, val)
+    results["rows"].append(_row("teacher", 0, teacher_cm, teacher, example))
+
+    torch.manual_seed(0)
+    images = (x for x, _ in _batches(train, config.batch_size, config.translator_steps, 20_000))
+    stage1 = train_translator(teacher, list(images), models.TEACHER_FEATURES,
+                              progress=config.progress)
+    results["translator_loss"] = {"first": stage1.history[0], "last": stage1.history[-1]}
+
+    trained: dict[tuple[str, int], nn.Module] = {}
+    for seed in config.seeds:
+        for method in config.methods:
+            torch.manual_seed(seed)
+            student = models.student()
+            wrapper = _make_wrapper(method, teacher, student, stage1.translator)
+            train_segmenter(wrapper or student, train, config.student_steps, config,
+                            seed=seed, desc=f"{method} seed {seed}")
+            if wrapper is not None:
+                wrapper.remove_hooks()
+            cm = evaluate(student, val)
+            results["rows"].append(_row(method, seed, cm, student, example))
+            trained[(method, seed)] = student
+    results["seconds"] = time.perf_counter() - t0
+    results["summary"] = summarize(results["rows"])
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if config.figure:
+        from segdistill.demo.figure import save_figure
+
+        first = config.seeds[0]
+        students = {m: trained[(m, first)] for m in config.methods}
+        results["figure"] = str(save_figure(out_dir / "demo.png", val, teacher, students,
+                                            stage1.translator))
+    return results
+
+
+def _row(method: str, seed: int, cm: ConfusionMatrix, model: nn.Module,
+         example: Tensor) -> dict[str, Any]:
+    return {"method": method, "seed": seed, "miou": cm.miou(),
+            "iou": [float(v) for v in cm.iou()], "params": count_parameters(model),
+            "flops": count_flops(model, example)}
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and (sample) standard deviation of mIoU per method, in order of appearance."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], []).append(row)
+    summary = []
+    for method, group in by_method.items():
+        values = [r["miou"] for r in group]
+        mean = sum(values) / len(values)
+        std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+               if len(values) > 1 else float("nan"))
+        summary.append({"method": method, "runs": len(values), "miou_mean": mean,
+                        "miou_std": std, "params": group[0]["params"],
+                        "flops": group[0]["flops"]})
+    return summary
+
+
+def format_table(summary: list[dict[str, Any]]) -> str:
+    """The summary as a Markdown table (mIoU in percent)."""
+    lines = ["| method | runs | val mIoU (%) | params | MFLOPs / image |",
+             "|---|---:|---:|---:|---:|"]
+    for s in summary:
+        std = "" if math.isnan(s["miou_std"]) else f" ± {100 * s['miou_std']:.2f}"
+        lines.append(f"| {s['method']} | {s['runs']} | {100 * s['miou_mean']:.2f}{std} | "
+                     f"{s['params']:,} | {s['flops'] / 1e6:.1f} |")
+    return "\n".join(lines)
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point of ``python -m segdistill.demo``."""
+    parser = argparse.ArgumentParser(prog="python -m segdistill.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ablation", action="store_true",
+                        help="every method of the paper's Tables 1 and 3, three seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", help="student seeds (default 0, or "
+                        "0 1 2 with --ablation)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="methods to train")
+    parser.add_argument("--steps", type=int, help="student steps (default 1000)")
+    parser.add_argument("--teacher-steps", type=int, help="teacher steps (default 1000)")
+    parser.add_argument("--translator-steps", type=int, help="translator steps (default 300)")
+    parser.add_argument("--train-scenes", type=int, help="training scenes (default 2000)")
+    parser.add_argument("--val-scenes", type=int, help="validation scenes (default 500)")
+    parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    parser.add_argument("--no-figure", action="store_true", help="skip the PNG")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+
+    config = DemoConfig(out_dir=args.out, figure=not args.no_figure,
+                        progress=not args.no_progress and sys.stderr.isatty())
+    if args.ablation:
+        config.methods, config.seeds = METHODS, (0, 1, 2)
+    overrides: dict[str, Callable[[Any], None]] = {
+        "seeds": lambda v: setattr(config, "seeds", tuple(v)),
+        "methods": lambda v: setattr(config, "methods", tuple(v)),
+        "steps": lambda v: setattr(config, "student_steps", v),
+        "teacher_steps": lambda v: setattr(config, "teacher_steps", v),
+        "translator_steps": lambda v: setattr(config, "translator_steps", v),
+        "train_scenes": lambda v: setattr(config, "train_scenes", v),
+        "val_scenes": lambda v: setattr(config, "val_scenes", v),
+    }
+    for name, apply in overrides.items():
+        value = getattr(args, name)
+        if value is not None:
+            apply(value)
+
+    print(f"segdistill demo: {', '.join(config.methods)}; seeds {list(config.seeds)}; "
+          f"{config.student_steps} student steps; output in {config.out_dir}/", flush=True)
+    results = run(config)
+    print(format_table(results["summary"]))
+    m = results["machine"]
+    print(f"\n{results['seconds']:.0f} s on {m['cpu']} ({m['threads']} threads), "
+          f"torch {m['torch']}")
+    if "figure" in results:
+        print(f"figure: {results['figure']}")
+    print(f"results: {Path(config.out_dir) / 'results.json'}")
+    return 0

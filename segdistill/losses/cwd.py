@@ -1,0 +1,119 @@
+r"""Channel-wise distillation (Shu et al., ICCV 2021)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segdistill._checks import (
+    check_choice,
+    check_feature_map,
+    check_real,
+    check_same_batch,
+    check_same_device,
+)
+from segdistill._features import RESIZE_MODES, Resize, align_spatial, full_precision
+from segdistill._reduction import Reduction, check_reduction, reduce_loss
+
+__all__ = ["CWDLoss", "cwd_loss"]
+
+
+def _check_options(temperature: float, resize: str, reduction: str) -> None:
+    check_real("temperature", temperature, minimum=0.0, strict=True)
+    check_choice("resize", resize, RESIZE_MODES)
+    check_reduction(reduction)
+
+
+def cwd_loss(
+    student: Tensor,
+    teacher: Tensor,
+    *,
+    temperature: float = 4.0,
+    resize: Resize = "none",
+    reduction: Reduction = "mean",
+) -> Tensor:
+    r"""Channel-wise distillation of Shu et al. (ICCV 2021, "Channel-wise Knowledge
+    Distillation for Dense Prediction").
+
+    Each channel becomes a distribution over the :math:`N = HW` positions by a
+    spatial softmax at temperature :math:`T`; the loss is the KL divergence
+    from the teacher's to the student's, averaged over channels:
+
+    .. math::
+
+        \mathcal{L}_{cwd} = \frac{T^2}{C} \sum_{c=1}^{C} \sum_{i=1}^{N}
+            \phi(y^t_c)_i \log \frac{\phi(y^t_c)_i}{\phi(y^s_c)_i},
+        \qquad \phi(y_c)_i = \frac{\exp(y_{c,i} / T)}{\sum_j \exp(y_{c,j} / T)}
+
+    per image, then reduced over the batch. Usually applied to logits (the
+    paper's default for segmentation); any maps with equal channels work.
+
+    Args:
+        student: the student's map.
+        teacher: the teacher's map, with the same channels.
+        temperature: :math:`T > 0` (the paper's 4 by default).
+        resize: ``'none'`` requires equal H x W; ``'student'`` or ``'teacher'``
+            bilinearly resizes the other map onto that one's grid.
+        reduction: ``'none'`` (per image) | ``'mean'`` | ``'sum'`` over the batch.
+
+    Shape:
+        - student: :math:`(B, C, H, W)`.
+        - teacher: :math:`(B, C, H, W)`.
+        - output: scalar, or :math:`(B,)` with ``reduction='none'``.
+
+    Raises:
+        TypeError: an input is not a floating-point tensor.
+        ValueError: not 4-D, empty, different batch, channel or (without
+            ``resize``) spatial sizes, or an unknown option.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> s, t = torch.randn(2, 5, 8, 8), torch.randn(2, 5, 8, 8)
+        >>> round(cwd_loss(s, t).item(), 4)
+        1.0324
+        >>> abs(cwd_loss(t + 3.0, t).item()) < 1e-6  # a per-channel shift changes nothing
+        True
+    """
+    check_feature_map(student, "student")
+    check_feature_map(teacher, "teacher")
+    check_same_device(student, teacher, ("student", "teacher"))
+    check_same_batch(student, teacher, ("student", "teacher"))
+    if student.shape[1] != teacher.shape[1]:
+        raise ValueError(f"expected student and teacher maps with the same channels, got "
+                         f"{student.shape[1]} and {teacher.shape[1]}")
+    _check_options(temperature, resize, reduction)
+    student, teacher = align_spatial(student, teacher, resize)
+    ctx, (s, t) = full_precision(student, teacher)
+    with ctx:
+        log_p_s = F.log_softmax(s.flatten(2) / temperature, dim=-1)
+        log_p_t = F.log_softmax(t.flatten(2) / temperature, dim=-1)
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # (B, C)
+        return reduce_loss(kl.mean(1) * temperature**2, reduction)
+
+
+class CWDLoss(nn.Module):
+    r"""Channel-wise distillation (Shu et al., ICCV 2021), as a module.
+
+    Stores the options of :func:`cwd_loss` and calls it in ``forward``; see
+    that function for the formula and the arguments.
+
+    Example:
+        >>> CWDLoss()
+        CWDLoss(temperature=4.0, resize='none', reduction='mean')
+    """
+
+    def __init__(self, temperature: float = 4.0, resize: Resize = "none",
+                 reduction: Reduction = "mean") -> None:
+        super().__init__()
+        _check_options(temperature, resize, reduction)
+        self.temperature = float(temperature)
+        self.resize: Resize = resize
+        self.reduction: Reduction = reduction
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return cwd_loss(student, teacher, temperature=self.temperature, resize=self.resize,
+                        reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, resize={self.resize!r}, "
+                f"reduction={self.reduction!r}")

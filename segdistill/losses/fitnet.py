@@ -1,0 +1,116 @@
+r"""FitNet hints: the student's features regressed onto the teacher's (Romero et al., 2015)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segdistill._checks import (
+    check_feature_map,
+    check_positive_int,
+    check_same_batch,
+    check_same_device,
+)
+from segdistill._features import full_precision
+from segdistill._reduction import Reduction, check_reduction, reduce_loss
+
+__all__ = ["FitNetLoss", "fitnet_loss"]
+
+
+def fitnet_loss(student: Tensor, teacher: Tensor, *, reduction: Reduction = "mean") -> Tensor:
+    r"""FitNet hint loss of Romero et al. (ICLR 2015), for dense features.
+
+    The student's (regressed) features are bilinearly upsampled to the
+    teacher's H x W, as in the comparison of He et al. (Table 3), and matched
+    with a squared L2 distance:
+
+    .. math::
+
+        \mathcal{L}_{fit} = \frac{1}{BCHW}
+            \big\lVert \mathrm{up}\big(r(\phi_s)\big) - \phi_t \big\rVert_2^2
+
+    This function takes :math:`r(\phi_s)` with the teacher's channel count;
+    :class:`FitNetLoss` owns the 1x1 regressor :math:`r`.
+
+    Args:
+        student: the student's features after the regressor.
+        teacher: the teacher's features.
+        reduction: ``'none'`` (per element, on the teacher's grid) | ``'mean'`` | ``'sum'``.
+
+    Shape:
+        - student: :math:`(B, C, h, w)`.
+        - teacher: :math:`(B, C, H, W)`.
+        - output: scalar, or :math:`(B, C, H, W)` with ``reduction='none'``.
+
+    Raises:
+        TypeError: an input is not a floating-point tensor.
+        ValueError: not 4-D, empty, different batch or channel counts.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> teacher = torch.randn(2, 8, 8, 8)
+        >>> round(fitnet_loss(torch.randn(2, 8, 4, 4), teacher).item(), 4)
+        1.6116
+    """
+    check_feature_map(student, "student")
+    check_feature_map(teacher, "teacher")
+    check_same_device(student, teacher, ("student", "teacher"))
+    check_same_batch(student, teacher, ("student", "teacher"))
+    if student.shape[1] != teacher.shape[1]:
+        raise ValueError(
+            f"expected student and teacher features with the same channels, got "
+            f"{student.shape[1]} and {teacher.shape[1]}; FitNetLoss(student_channels, "
+            "teacher_channels) adds the 1x1 regressor that maps one onto the other"
+        )
+    check_reduction(reduction)
+    ctx, (s, t) = full_precision(student, teacher)
+    with ctx:
+        if s.shape[-2:] != t.shape[-2:]:
+            s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+        return reduce_loss((s - t).square(), reduction)
+
+
+class FitNetLoss(nn.Module):
+    r"""FitNet hint loss with its learnable 1x1 regressor (Romero et al., 2015).
+
+    Where the channel counts differ, a 1x1 convolution without bias maps the
+    student's channels onto the teacher's; where they agree the regressor is
+    the identity. The regressor is applied before upsampling (a 1x1
+    convolution and bilinear upsampling commute, and the small grid is
+    cheaper), then :func:`fitnet_loss` is called.
+
+    Args:
+        student_channels: :math:`C_s`.
+        teacher_channels: :math:`C_t`.
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'``.
+
+    Example:
+        >>> FitNetLoss(48, 64)
+        FitNetLoss(
+          student_channels=48, teacher_channels=64, reduction='mean'
+          (regressor): Conv2d(48, 64, kernel_size=(1, 1), stride=(1, 1), bias=False)
+        )
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int,
+                 reduction: Reduction = "mean") -> None:
+        super().__init__()
+        self.student_channels = check_positive_int("student_channels", student_channels)
+        self.teacher_channels = check_positive_int("teacher_channels", teacher_channels)
+        check_reduction(reduction)
+        self.reduction: Reduction = reduction
+        self.regressor: nn.Module = (
+            nn.Identity() if student_channels == teacher_channels
+            else nn.Conv2d(student_channels, teacher_channels, 1, bias=False)
+        )
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        dims = check_feature_map(student, "student")
+        if dims["C"] != self.student_channels:
+            raise ValueError(f"expected student features with {self.student_channels} channels, "
+                             f"got {dims['C']}")
+        return fitnet_loss(self.regressor(student), teacher, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"student_channels={self.student_channels}, "
+                f"teacher_channels={self.teacher_channels}, reduction={self.reduction!r}")

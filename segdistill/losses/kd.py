@@ -1,0 +1,158 @@
+r"""Pixel-wise knowledge distillation on logits (Hinton et al., 2015)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segdistill._checks import check_feature_map, check_real, check_same_batch, check_same_device
+from segdistill._features import full_precision
+from segdistill._reduction import Reduction, check_reduction, reduce_loss
+
+__all__ = ["KDLoss", "kd_loss"]
+
+
+def _check_options(temperature: float, ignore_index: int | None, reduction: str) -> None:
+    check_real("temperature", temperature, minimum=0.0, strict=True)
+    if ignore_index is not None and (isinstance(ignore_index, bool)
+                                     or not isinstance(ignore_index, int)):
+        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    check_reduction(reduction)
+
+
+def _valid_mask(target: Tensor, size: tuple[int, int], batch: int, ignore_index: int) -> Tensor:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"expected target to be a torch.Tensor, got {type(target).__name__}")
+    if target.ndim != 3:
+        raise ValueError(f"expected target of shape (B, H, W), got a {target.ndim}-D tensor of "
+                         f"shape {tuple(target.shape)}")
+    if target.is_floating_point() or target.is_complex():
+        raise TypeError(f"expected target to hold integer labels, got {target.dtype}")
+    if target.shape[0] != batch:
+        raise ValueError(f"expected logits and target with the same batch size, got {batch} "
+                         f"and {target.shape[0]}")
+    valid = target != ignore_index
+    if tuple(valid.shape[-2:]) != size:
+        valid = F.interpolate(valid[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
+    return valid
+
+
+def kd_loss(
+    student: Tensor,
+    teacher: Tensor,
+    target: Tensor | None = None,
+    *,
+    temperature: float = 4.0,
+    ignore_index: int | None = 255,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    r"""Pixel-wise knowledge distillation of Hinton et al. (2015), on segmentation logits.
+
+    At every pixel, the KL divergence from the teacher's softened class
+    distribution to the student's, scaled by :math:`T^2` so that gradients keep
+    their size as :math:`T` grows:
+
+    .. math::
+
+        \mathcal{L}_{kd} = \frac{T^2}{|P|} \sum_{p \in P}
+            \mathrm{KL}\big(\sigma(z^t_p / T) \,\big\|\, \sigma(z^s_p / T)\big)
+
+    with :math:`\sigma` the softmax over classes and :math:`P` the pixels
+    that are not ignored. As in the paper's comparison (its Table 3), student
+    logits on a coarser grid are bilinearly resized to the teacher's logit
+    size: that resize is part of this loss's definition, not a silent fix.
+
+    Args:
+        student: the student's logits.
+        teacher: the teacher's logits, with the same classes.
+        target: optional labels; pixels labelled ``ignore_index`` are left
+            out. Labels on another grid than the teacher's logits are resized
+            to it (nearest neighbour).
+        temperature: :math:`T > 0`; He et al. compare :math:`T \in \{2, 4, 6\}`.
+        ignore_index: the label to leave out, or ``None`` to use every pixel.
+        reduction: ``'none'`` (a (B, H, W) map, zero at ignored pixels),
+            ``'mean'`` over the counted pixels, or ``'sum'``.
+
+    Shape:
+        - student: :math:`(B, K, h, w)`.
+        - teacher: :math:`(B, K, H, W)`.
+        - target: :math:`(B, H_l, W_l)`, integer.
+        - output: scalar, or :math:`(B, H, W)` with ``reduction='none'``.
+
+    Returns:
+        The loss, in float32 at least. With every pixel ignored it is 0.
+
+    Raises:
+        TypeError: non-floating logits, non-integer labels.
+        ValueError: shapes that are not 4-D (logits) or 3-D (labels), batch or
+            class counts that differ, a non-positive temperature, an unknown
+            reduction.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> teacher, student = torch.randn(2, 5, 8, 8), torch.randn(2, 5, 4, 4)
+        >>> round(kd_loss(student, teacher, temperature=2.0).item(), 4)
+        0.5853
+        >>> kd_loss(teacher, teacher).item()
+        0.0
+    """
+    check_feature_map(student, "student logits")
+    check_feature_map(teacher, "teacher logits")
+    check_same_device(student, teacher, ("student logits", "teacher logits"))
+    check_same_batch(student, teacher, ("student logits", "teacher logits"))
+    if student.shape[1] != teacher.shape[1]:
+        raise ValueError(f"expected student and teacher logits over the same classes, got "
+                         f"{student.shape[1]} and {teacher.shape[1]}")
+    _check_options(temperature, ignore_index, reduction)
+    size = (teacher.shape[-2], teacher.shape[-1])
+    valid = None
+    if target is not None and ignore_index is not None:
+        valid = _valid_mask(target, size, teacher.shape[0], ignore_index).to(teacher.device)
+
+    ctx, (s, t) = full_precision(student, teacher)
+    with ctx:
+        if tuple(s.shape[-2:]) != size:
+            s = F.interpolate(s, size=size, mode="bilinear", align_corners=False)
+        log_p_s = F.log_softmax(s / temperature, dim=1)
+        log_p_t = F.log_softmax(t / temperature, dim=1)
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1) * temperature**2
+        if valid is None:
+            return reduce_loss(kl, reduction)
+        kl = torch.where(valid, kl, torch.zeros_like(kl))
+        if reduction == "mean":
+            return kl.sum() / valid.sum().clamp_min(1)
+        return reduce_loss(kl, reduction)
+
+
+class KDLoss(nn.Module):
+    r"""Pixel-wise knowledge distillation (Hinton et al., 2015), as a module.
+
+    Stores the options of :func:`kd_loss` and calls it in ``forward``; see that
+    function for the formula and the arguments.
+
+    Args:
+        temperature: :math:`T > 0` (default 4).
+        ignore_index: label left out when a target is given (default 255).
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'``.
+
+    Example:
+        >>> KDLoss(temperature=2.0)
+        KDLoss(temperature=2.0, ignore_index=255, reduction='mean')
+    """
+
+    def __init__(self, temperature: float = 4.0, ignore_index: int | None = 255,
+                 reduction: Reduction = "mean") -> None:
+        super().__init__()
+        _check_options(temperature, ignore_index, reduction)
+        self.temperature = float(temperature)
+        self.ignore_index = ignore_index
+        self.reduction: Reduction = reduction
+
+    def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
+        return kd_loss(student, teacher, target, temperature=self.temperature,
+                       ignore_index=self.ignore_index, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
+                f"reduction={self.reduction!r}")

@@ -1,0 +1,150 @@
+r"""Pair-wise similarity distillation (Liu et al., CVPR 2019), memory-linear."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segdistill._checks import (
+    check_choice,
+    check_feature_map,
+    check_positive_int,
+    check_real,
+    check_same_batch,
+    check_same_device,
+)
+from segdistill._features import RESIZE_MODES, Resize, align_spatial, full_precision
+from segdistill._reduction import Reduction, check_reduction, reduce_loss
+from segdistill.losses.affinity import METHODS, _flatten_normalized, _row_distances
+
+__all__ = ["PairwiseLoss", "pairwise_loss"]
+
+PatchSize = int | tuple[int, int] | None
+
+
+def _check_patch(patch_size: PatchSize) -> tuple[int, int] | None:
+    if patch_size is None:
+        return None
+    if isinstance(patch_size, int):
+        patch_size = (patch_size, patch_size)
+    if not isinstance(patch_size, tuple) or len(patch_size) != 2:
+        raise TypeError(f"patch_size must be an int, a pair of ints or None, got {patch_size!r}")
+    return (check_positive_int("patch_size", patch_size[0]),
+            check_positive_int("patch_size", patch_size[1]))
+
+
+def _check_options(patch_size: PatchSize, method: str, resize: str, eps: float,
+                   reduction: str) -> tuple[int, int] | None:
+    check_choice("method", method, METHODS)
+    check_choice("resize", resize, RESIZE_MODES)
+    check_real("eps", eps, minimum=0.0, strict=True)
+    check_reduction(reduction)
+    return _check_patch(patch_size)
+
+
+def pairwise_loss(
+    student: Tensor,
+    teacher: Tensor,
+    *,
+    patch_size: PatchSize = None,
+    method: Literal["auto", "dense", "linear"] = "auto",
+    resize: Resize = "none",
+    eps: float = 1e-8,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    r"""Pair-wise similarity distillation of Liu et al. (CVPR 2019, "Structured Knowledge
+    Distillation for Semantic Segmentation").
+
+    With :math:`a_{ij}` the cosine similarity of the feature vectors of nodes
+    :math:`i` and :math:`j`, per image
+
+    .. math::
+
+        \mathcal{L}_{pa} = \frac{1}{N^2} \sum_{i=1}^{N} \sum_{j=1}^{N}
+            \big(a^s_{ij} - a^t_{ij}\big)^2 ,
+
+    then reduced over the batch. A node is a position, or with ``patch_size``
+    a patch max-pooled to one vector (kernel = stride = ``patch_size``,
+    partial patches at the border kept), as in the paper. The sum over pairs
+    is computed by the memory-linear algorithm of
+    :func:`~segdistill.affinity_loss` (its squared-Frobenius form): no N x N
+    tensor, unless ``method='dense'`` or the channels outnumber the nodes.
+
+    Args:
+        student: the student's features.
+        teacher: the teacher's features; channel counts may differ.
+        patch_size: pool nodes from patches of this size, or ``None``.
+        method: ``'auto'``, ``'dense'`` or ``'linear'``; all give the same value.
+        resize: ``'none'`` requires equal H x W; ``'student'`` or ``'teacher'``
+            bilinearly resizes the other map onto that one's grid.
+        eps: lower bound on a node's norm before normalising.
+        reduction: ``'none'`` (per image) | ``'mean'`` | ``'sum'`` over the batch.
+
+    Shape:
+        - student: :math:`(B, C_s, H, W)`.
+        - teacher: :math:`(B, C_t, H, W)`.
+        - output: scalar, or :math:`(B,)` with ``reduction='none'``.
+
+    Raises:
+        TypeError: an input is not a floating-point tensor, a bad ``patch_size``.
+        ValueError: not 4-D, empty, different batch or (without ``resize``)
+            spatial sizes, or an unknown option.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> s, t = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 8, 8)
+        >>> round(pairwise_loss(s, t).item(), 4)
+        0.3119
+        >>> round(pairwise_loss(s, t, patch_size=2).item(), 4)
+        0.0474
+    """
+    check_feature_map(student, "student")
+    check_feature_map(teacher, "teacher")
+    check_same_device(student, teacher, ("student", "teacher"))
+    check_same_batch(student, teacher, ("student", "teacher"))
+    patch = _check_options(patch_size, method, resize, eps, reduction)
+    student, teacher = align_spatial(student, teacher, resize)
+    ctx, (x_s, x_t) = full_precision(student, teacher)
+    with ctx:
+        if patch is not None:
+            x_s = F.max_pool2d(x_s, patch, stride=patch, ceil_mode=True)
+            x_t = F.max_pool2d(x_t, patch, stride=patch, ceil_mode=True)
+        s = _flatten_normalized(x_s, eps)
+        t = _flatten_normalized(x_t, eps)
+        n = s.shape[-1]
+        # the squared form returns sum_ij (a^s_ij - a^t_ij)^2 per image
+        per_image = _row_distances(s, t, "squared", method, None) / n**2
+        return reduce_loss(per_image, reduction)
+
+
+class PairwiseLoss(nn.Module):
+    r"""Pair-wise similarity distillation (Liu et al., CVPR 2019), as a module.
+
+    Stores the options of :func:`pairwise_loss` and calls it in ``forward``;
+    see that function for the formula and the arguments.
+
+    Example:
+        >>> PairwiseLoss(patch_size=2)
+        PairwiseLoss(patch_size=(2, 2), method='auto', resize='none', eps=1e-08, reduction='mean')
+    """
+
+    def __init__(self, patch_size: PatchSize = None,
+                 method: Literal["auto", "dense", "linear"] = "auto",
+                 resize: Resize = "none", eps: float = 1e-8,
+                 reduction: Reduction = "mean") -> None:
+        super().__init__()
+        self.patch_size = _check_options(patch_size, method, resize, eps, reduction)
+        self.method: Literal["auto", "dense", "linear"] = method
+        self.resize: Resize = resize
+        self.eps = eps
+        self.reduction: Reduction = reduction
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return pairwise_loss(student, teacher, patch_size=self.patch_size, method=self.method,
+                             resize=self.resize, eps=self.eps, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"patch_size={self.patch_size}, method={self.method!r}, "
+                f"resize={self.resize!r}, eps={self.eps}, reduction={self.reduction!r}")

@@ -1,0 +1,62 @@
+"""The demo: data, a tiny end-to-end run of every method, the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from segdistill.demo.data import NUM_CLASSES, make_digit_scenes  # noqa: E402
+from segdistill.demo.run import METHODS, DemoConfig, format_table, main, run  # noqa: E402
+
+
+def test_scenes_are_deterministic_and_labelled():
+    a = make_digit_scenes("train", 8, size=32, scale=(10, 14), seed=3)
+    b = make_digit_scenes("train", 8, size=32, scale=(10, 14), seed=3)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert a.images.shape == (8, 1, 32, 32) and a.labels.dtype == torch.long
+    assert 0 < (a.labels > 0).float().mean() < 0.5
+    assert int(a.labels.max()) < NUM_CLASSES
+    # labelled pixels are bright digit strokes, background is dark (before noise)
+    assert a.images[:, 0][a.labels > 0].mean() > a.images[:, 0][a.labels == 0].mean() + 0.3
+    val = make_digit_scenes("val", 8, size=32, scale=(10, 14), seed=3)
+    assert not torch.equal(val.images, a.images)
+
+
+def test_scene_errors():
+    with pytest.raises(ValueError, match=r"split must be one of 'train', 'val', got 'test'"):
+        make_digit_scenes("test", 1)
+    with pytest.raises(ValueError, match=r"digits of up to 40 px do not fit a 32 px canvas"):
+        make_digit_scenes("train", 1, size=32, scale=(10, 40))
+
+
+@pytest.mark.slow
+def test_every_method_runs_end_to_end(tmp_path):
+    config = DemoConfig(train_scenes=32, val_scenes=8, size=32, batch_size=4,
+                        teacher_steps=3, student_steps=2, translator_steps=2,
+                        methods=METHODS, seeds=(0, 1), out_dir=str(tmp_path), progress=False)
+    results = run(config)
+    methods = [s["method"] for s in results["summary"]]
+    assert methods == ["teacher", *METHODS]
+    assert all(s["runs"] == 2 for s in results["summary"][1:])
+    students = results["summary"][1:]
+    assert len({s["params"] for s in students}) == 1  # adapters are not part of the student
+    assert students[0]["params"] < results["summary"][0]["params"]
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["summary"] == results["summary"]
+    assert "| adaptation+affinity | 2 |" in format_table(results["summary"])
+
+
+def test_command_line(tmp_path, capsys):
+    code = main(["--steps", "2", "--teacher-steps", "2", "--translator-steps", "2",
+                 "--train-scenes", "16", "--val-scenes", "4", "--methods", "student",
+                 "--no-figure", "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| teacher | 1 |" in out and "| student | 1 |" in out
+    assert (tmp_path / "results.json").exists()
