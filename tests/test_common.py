@@ -11,6 +11,7 @@ import torch
 
 import segdistill as sd
 
+
 # (module factory, functional twin, kwargs for both, input factory)
 def _pair(cs, ct, hs=5, ws=4, ht=None, wt=None):
     return lambda dt, dev: (torch.randn(2, cs, hs, ws, dtype=dt, device=dev),

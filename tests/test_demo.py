@@ -10,8 +10,8 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from segdistill.demo.data import NUM_CLASSES, make_digit_scenes  # noqa: E402
-from segdistill.demo.run import METHODS, DemoConfig, format_table, main, run  # noqa: E402
+from segdistill.demo.data import NUM_CLASSES, make_digit_scenes
+from segdistill.demo.run import METHODS, DemoConfig, format_table, main, run
 
 
 def test_scenes_are_deterministic_and_labelled():

@@ -15,7 +15,7 @@ def reference_kd(student, teacher, target, t, ignore):
     student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear",
                             align_corners=False)
     total, count = 0.0, 0
-    b, k, h, w = teacher.shape
+    b, _, h, w = teacher.shape
     for n in range(b):
         for y in range(h):
             for x in range(w):

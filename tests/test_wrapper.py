@@ -146,7 +146,7 @@ def test_under_autocast():
 
 @pytest.mark.slow
 def test_compiled_student():
-    wrapper, teacher, student, translator = _paper_wrapper()
+    wrapper, teacher, student, _ = _paper_wrapper()
     x = torch.randn(2, 3, 16, 16)
     wrapper.eval()
     eager = wrapper(x).losses
