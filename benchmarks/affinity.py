@@ -127,6 +127,8 @@ def main() -> None:
     parser.add_argument("--memory-budget-gb", type=float, default=16.0,
                         help="skip dense cases estimated to need more (default 16)")
     parser.add_argument("--quick", action="store_true", help="only the 32 x 32 case")
+    parser.add_argument("--sizes", nargs="+", metavar="HxW",
+                        help="only these sizes of the default cases, e.g. 64x64")
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,7 +143,10 @@ def main() -> None:
           "| linear speed-up | memory ratio |")
     print("|---:|---:|---|---:|---|---:|---:|---:|---:|")
     rows = []
-    for b, c, h, w, methods in QUICK_CASES if args.quick else CASES:
+    cases = QUICK_CASES if args.quick else CASES
+    if args.sizes:
+        cases = [case for case in cases if f"{case[2]}x{case[3]}" in args.sizes]
+    for b, c, h, w, methods in cases:
         measured = {}
         for method in methods:
             case = {"batch": b, "channels": c, "height": h, "width": w, "method": method,

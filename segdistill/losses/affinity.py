@@ -143,11 +143,13 @@ def _row_distances_linear(s: Tensor, t: Tensor, distance: str) -> Tensor:
         total = g_ss.square().sum((1, 2)) - 2 * g_st.square().sum((1, 2))
         total = total + g_tt.square().sum((1, 2))
         return total.clamp_min(0.0)
-    a = ((g_ss @ s) * s).sum(1)
-    b = ((g_st @ t) * s).sum(1)
+    p_ss = g_ss @ s
     c = ((g_tt @ t) * t).sum(1)
-    r = a - 2 * b + c
-    floor = _CANCELLATION_ULPS * torch.finfo(r.dtype).eps * (a + c).detach()
+    # s_i' (G_ss s_i - 2 G_st t_i): one fused product and one reduction
+    r = (torch.baddbmm(p_ss, g_st, t, alpha=-2.0) * s).sum(1) + c
+    with torch.no_grad():  # the size of the cancelling terms, a_i + c_i
+        a = (p_ss * s).sum(1)
+        floor = _CANCELLATION_ULPS * torch.finfo(r.dtype).eps * (a + c)
     keep = r > floor
     # Double where: the square root never sees a non-positive argument, so
     # neither its value nor its gradient can become NaN or infinite.
