@@ -47,6 +47,8 @@ class DemoConfig:
     translator_steps: int = 300
     lr: float = 0.05
     weight_decay: float = 4e-5
+    adaptation_weight: float = 50.0
+    affinity_weight: float = 1.0
     methods: Sequence[str] = ("student", "adaptation+affinity")
     seeds: Sequence[int] = (0,)
     out_dir: str = "demo_out"
@@ -123,7 +125,7 @@ def evaluate(model: nn.Module, data: DigitScenes, batch_size: int = 100) -> Conf
 
 
 def _make_wrapper(method: str, teacher: nn.Module, student: nn.Module,
-                  translator: Translator) -> DistillationWrapper | None:
+                  translator: Translator, config: DemoConfig) -> DistillationWrapper | None:
     """The wrapper for one ablation method, built as a user would build it."""
     if method == "student":
         return None
@@ -135,8 +137,9 @@ def _make_wrapper(method: str, teacher: nn.Module, student: nn.Module,
             teacher, student, teacher_layer=models.TEACHER_FEATURES,
             student_layer=models.STUDENT_FEATURES, student_channels=48, teacher_channels=64,
         )
-    weights = {"adaptation": (50.0, 0.0), "affinity": (0.0, 1.0),
-               "adaptation+affinity": (50.0, 1.0)}
+    beta, gamma = config.adaptation_weight, config.affinity_weight
+    weights = {"adaptation": (beta, 0.0), "affinity": (0.0, gamma),
+               "adaptation+affinity": (beta, gamma)}
     if method not in weights:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     adaptation, affinity = weights[method]
@@ -183,7 +186,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
         for method in config.methods:
             torch.manual_seed(seed)
             student = models.student()
-            wrapper = _make_wrapper(method, teacher, student, stage1.translator)
+            wrapper = _make_wrapper(method, teacher, student, stage1.translator, config)
             train_segmenter(wrapper or student, train, config.student_steps, config,
                             seed=seed, desc=f"{method} seed {seed}")
             if wrapper is not None:
@@ -266,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--translator-steps", type=int, help="translator steps (default 300)")
     parser.add_argument("--train-scenes", type=int, help="training scenes (default 2000)")
     parser.add_argument("--val-scenes", type=int, help="validation scenes (default 500)")
+    parser.add_argument("--beta", type=float, help="adaptation weight (default 50, the paper's)")
+    parser.add_argument("--gamma", type=float, help="affinity weight (default 1, the paper's)")
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     parser.add_argument("--no-figure", action="store_true", help="skip the PNG")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -283,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "translator_steps": lambda v: setattr(config, "translator_steps", v),
         "train_scenes": lambda v: setattr(config, "train_scenes", v),
         "val_scenes": lambda v: setattr(config, "val_scenes", v),
+        "beta": lambda v: setattr(config, "adaptation_weight", v),
+        "gamma": lambda v: setattr(config, "affinity_weight", v),
     }
     for name, apply in overrides.items():
         value = getattr(args, name)
@@ -290,12 +297,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             apply(value)
 
     print(f"segdistill demo: {', '.join(config.methods)}; seeds {list(config.seeds)}; "
-          f"{config.student_steps} student steps; output in {config.out_dir}/", flush=True)
+          f"{config.student_steps} student steps; beta={config.adaptation_weight:g}, "
+          f"gamma={config.affinity_weight:g}; output in {config.out_dir}/", flush=True)
     results = run(config)
-    print(format_table(results["summary"]))
     m = results["machine"]
-    print(f"\n{results['seconds']:.0f} s on {m['cpu']} ({m['threads']} threads), "
-          f"torch {m['torch']}")
+    command = "python -m segdistill.demo " + " ".join(argv if argv is not None else sys.argv[1:])
+    footer = (f"{results['seconds']:.0f} s on {m['cpu']} ({m['threads']} threads), "
+              f"torch {m['torch']}, Python {m['python']}")
+    table = format_table(results["summary"])
+    print(table)
+    print(f"\n{footer}")
+    (Path(config.out_dir) / "summary.md").write_text(
+        f"{table}\n\nCommand: `{command.strip()}`  \nMachine: {footer}  \n"
+        f"beta = {config.adaptation_weight:g}, gamma = {config.affinity_weight:g}, "
+        f"{config.student_steps} student steps, seeds {list(config.seeds)}\n"
+    )
     if "figure" in results:
         print(f"figure: {results['figure']}")
     print(f"results: {Path(config.out_dir) / 'results.json'}")
