@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from segdistill.demo import models
 from segdistill.demo.data import NUM_CLASSES, DigitScenes, make_digit_scenes
 from segdistill.metrics import ConfusionMatrix
 from segdistill.profiling import count_flops, count_parameters
+from segdistill.training import TrainConfig, fit
 from segdistill.translator import Translator
 from segdistill.translator_training import train_translator
 from segdistill.wrapper import DistillationWrapper
@@ -57,60 +58,14 @@ class DemoConfig:
     log: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
 
-def _poly(step: int, total: int, power: float = 0.9) -> float:
-    return float((1 - step / total) ** power)
-
-
-def _progress(iterable: Any, desc: str, enabled: bool, total: int | None = None) -> Any:
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=desc, total=total, leave=False, unit="step")
-
-
-def _batches(data: DigitScenes, batch_size: int, steps: int, seed: int) -> Any:
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        index = torch.randint(len(data.images), (batch_size,), generator=g)
-        yield data.images[index], data.labels[index]
-
-
-def train_segmenter(
-    model: nn.Module,
-    data: DigitScenes,
-    steps: int,
-    config: DemoConfig,
-    seed: int,
-    desc: str,
-) -> list[float]:
-    """SGD with momentum and the poly schedule, cross-entropy plus the wrapper's terms.
-
-    ``model`` is a plain segmenter or a :class:`DistillationWrapper` around one.
-    """
-    wrapper = model if isinstance(model, DistillationWrapper) else None
-    params = list(wrapper.trainable_parameters() if wrapper else model.parameters())
-    opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    model.train()
-    history = []
-    bar = _progress(_batches(data, config.batch_size, steps, seed), desc, config.progress, steps)
-    for step, (x, y) in enumerate(bar):
-        for group in opt.param_groups:
-            group["lr"] = config.lr * _poly(step, steps)
-        if wrapper is not None:
-            out = wrapper(x, target=y)
-            loss = F.cross_entropy(out.output, y) + out.loss
-        else:
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append(loss.item())
-        if hasattr(bar, "set_postfix") and step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    return history
+def train_segmenter(model: nn.Module, data: DigitScenes, steps: int, config: DemoConfig,
+                    seed: int) -> list[dict[str, float]]:
+    """Train a segmenter or a :class:`DistillationWrapper` with :func:`segdistill.training.fit`:
+    SGD with momentum, the poly schedule, cross-entropy plus the wrapper's terms."""
+    train_config = TrainConfig(steps=steps, batch_size=config.batch_size, lr=config.lr,
+                               weight_decay=config.weight_decay, seed=seed,
+                               progress=config.progress)
+    return fit(model, TensorDataset(data.images, data.labels), train_config)
 
 
 @torch.no_grad()
@@ -168,7 +123,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
 
     torch.manual_seed(0)
     teacher = models.teacher()
-    train_segmenter(teacher, train, config.teacher_steps, config, seed=10_000, desc="teacher")
+    train_segmenter(teacher, train, config.teacher_steps, config, seed=10_000)
     teacher.eval()
     results: dict[str, Any] = {"config": {k: v for k, v in asdict(config).items() if k != "log"},
                                "machine": _machine(), "rows": []}
@@ -176,9 +131,11 @@ def run(config: DemoConfig) -> dict[str, Any]:
     results["rows"].append(_row("teacher", 0, teacher_cm, teacher, example))
 
     torch.manual_seed(0)
-    images = (x for x, _ in _batches(train, config.batch_size, config.translator_steps, 20_000))
-    stage1 = train_translator(teacher, list(images), models.TEACHER_FEATURES,
-                              progress=config.progress)
+    loader = DataLoader(TensorDataset(train.images), batch_size=config.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(20_000), drop_last=True)
+    stage1 = train_translator(teacher, loader, models.TEACHER_FEATURES,
+                              epochs=math.ceil(config.translator_steps / len(loader)),
+                              max_steps=config.translator_steps, progress=config.progress)
     results["translator_loss"] = {"first": stage1.history[0], "last": stage1.history[-1]}
 
     trained: dict[tuple[str, int], nn.Module] = {}
@@ -187,8 +144,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
             torch.manual_seed(seed)
             student = models.student()
             wrapper = _make_wrapper(method, teacher, student, stage1.translator, config)
-            train_segmenter(wrapper or student, train, config.student_steps, config,
-                            seed=seed, desc=f"{method} seed {seed}")
+            train_segmenter(wrapper or student, train, config.student_steps, config, seed=seed)
             if wrapper is not None:
                 wrapper.remove_hooks()
             cm = evaluate(student, val)
