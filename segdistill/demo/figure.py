@@ -13,21 +13,15 @@ from torch import Tensor, nn
 from segdistill.demo import models
 from segdistill.demo.data import NUM_CLASSES, DigitScenes
 from segdistill.hooks import FeatureHooks
-from segdistill.losses.affinity import affinity_matrix
 from segdistill.translator import Translator
+from segdistill.visualize import label_palette, pixel_affinity, save_prediction_grid
 
-__all__ = ["save_figure"]
-
-
-def _palette() -> np.ndarray:
-    import matplotlib
-
-    colours = matplotlib.colormaps["tab10"](np.arange(10))[:, :3]
-    return np.concatenate([np.zeros((1, 3)), colours])  # background black
+__all__ = ["predict_with_features", "save_figure"]
 
 
 @torch.no_grad()
-def _features(model: nn.Module, path: str, x: Tensor) -> tuple[Tensor, Tensor]:
+def predict_with_features(model: nn.Module, path: str, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The arg-max predictions of ``model`` on ``x`` and its features at ``path``."""
     hooks = FeatureHooks(model, {"f": path})
     try:
         model.eval()
@@ -35,14 +29,6 @@ def _features(model: nn.Module, path: str, x: Tensor) -> tuple[Tensor, Tensor]:
         return logits.argmax(1), hooks.pop()["f"]
     finally:
         hooks.remove()
-
-
-def _pixel_affinity(features: Tensor, pixel: tuple[int, int], size: int) -> np.ndarray:
-    """Row of the affinity matrix for the feature cell under ``pixel``, as an image."""
-    _, _, h, w = features.shape
-    row, col = pixel[0] * h // size, pixel[1] * w // size
-    a = affinity_matrix(features[:1])[0, row * w + col].reshape(h, w) * (h * w)  # cosines
-    return a.numpy()
 
 
 def save_figure(
@@ -57,57 +43,29 @@ def save_figure(
     cosine-affinity map of one digit pixel in the teacher's translated features and in
     each student's features.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError("the figure needs matplotlib: pip install 'segdistill[demo]'") from error
-
     x, y = val.images[:num_scenes], val.labels[:num_scenes]
-    size = x.shape[-1]
-    palette = _palette()
-    teacher_pred, teacher_feat = _features(teacher, models.TEACHER_FEATURES, x)
+    size = x.shape[-2:]
+    teacher_pred, teacher_feat = predict_with_features(teacher, models.TEACHER_FEATURES, x)
     with torch.no_grad():
         translator.eval()
         teacher_code = translator.encode(teacher_feat)
-    columns: list[tuple[str, Tensor, Tensor]] = [("teacher", teacher_pred, teacher_code)]
+    outputs = {"teacher": (teacher_pred, teacher_code)}
     for name, student in students.items():
-        pred, feat = _features(student, models.STUDENT_FEATURES, x)
-        columns.append((name, pred, feat))
+        outputs[name] = predict_with_features(student, models.STUDENT_FEATURES, x)
 
-    ncols = 2 + 2 * len(columns)
-    fig, axes = plt.subplots(num_scenes, ncols, figsize=(1.6 * ncols, 1.7 * num_scenes),
-                             squeeze=False)
+    pixels = []
     for i in range(num_scenes):
         digit = torch.nonzero(y[i] > 0)
-        pixel = tuple(digit[len(digit) // 2].tolist()) if len(digit) else (size // 2, size // 2)
-        panels: list[tuple[str, np.ndarray, str | None]] = [
-            ("image", x[i, 0].numpy(), "gray"),
-            ("ground truth", palette[y[i].numpy()], None),
-        ]
-        for name, pred, _ in columns:
-            panels.append((name, palette[pred[i].clamp(0, NUM_CLASSES - 1).numpy()], None))
-        for name, _, feat in columns:
-            panels.append((f"affinity: {name}", _pixel_affinity(feat[i:i + 1], pixel, size),
-                           "magma"))
-        for j, (title, image, cmap) in enumerate(panels):
-            ax = axes[i, j]
-            if cmap == "magma":
-                ax.imshow(image, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
-                h, w = image.shape
-                ax.plot(pixel[1] * w / size - 0.5, pixel[0] * h / size - 0.5, "c+", ms=8)
-            else:
-                ax.imshow(image, cmap=cmap, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(title, fontsize=7)
-    fig.suptitle("segdistill demo: val scenes; affinity = cosine of the marked cell's "
-                 "features with every other cell", fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+        pixels.append(tuple(digit[len(digit) // 2].tolist()) if len(digit)
+                      else (size[0] // 2, size[1] // 2))
+    predictions = {name: [p[i].numpy() for i in range(num_scenes)]
+                   for name, (p, _) in outputs.items()}
+    affinities = {name: [pixel_affinity(f[i:i + 1], pixels[i], size) for i in range(num_scenes)]
+                  for name, (_, f) in outputs.items()}
+    images: list[np.ndarray] = [x[i, 0].numpy() for i in range(num_scenes)]
+    return save_prediction_grid(
+        path, images, [y[i].numpy() for i in range(num_scenes)], predictions,
+        label_palette(NUM_CLASSES, ignore_index=None), affinities, pixels,
+        title="segdistill demo: val scenes; affinity = cosine of the marked cell's features "
+              "with every other cell",
+    )
