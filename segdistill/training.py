@@ -178,11 +178,16 @@ def _logits(output: Any) -> Tensor:
 class _Logger:
     """JSON lines on the main process, and TensorBoard scalars when it is installed."""
 
-    def __init__(self, path: str | None, enabled: bool) -> None:
+    def __init__(self, path: str | None, enabled: bool, start: int) -> None:
         self.path = Path(path) if path and enabled else None
         self.board: Any = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                # rows after the checkpoint we resume from are about to be written again
+                kept = [line for line in self.path.read_text().splitlines()
+                        if line and json.loads(line)["step"] <= start]
+                self.path.write_text("".join(line + "\n" for line in kept))
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
@@ -278,7 +283,7 @@ def fit(
     if not getattr(dataset, "uses_sample_keys", False):
         dataset = _ByKey(dataset, size)
     sampler = EpochSampler(size, config.batch_size, config.seed, rank, world)
-    logger = _Logger(config.log_path, rank == 0)
+    logger = _Logger(config.log_path, rank == 0, start)
     end = min(config.steps, stop_after) if stop_after is not None else config.steps
     bar = _progress_bar(config.progress and rank == 0, start, end)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)

@@ -1,0 +1,191 @@
+"""The reference pipelines end to end on tiny synthetic VOC and Cityscapes trees."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torchvision")
+PIL = pytest.importorskip("PIL.Image")
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from examples.segmentation.cli import main  # noqa: E402
+from examples.segmentation.data import cityscapes_train_ids, voc  # noqa: E402
+
+SMALL = ["--no-pretrained", "--crop", "32", "--batch-size", "2", "--teacher-steps", "2",
+         "--student-steps", "2", "--distill-steps", "2", "--workers", "0",
+         "--checkpoint-every", "1", "--log-every", "1", "--translator-channels", "16",
+         "--no-progress", "--device", "cpu"]
+
+
+def _image(path: Path, h: int, w: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    PIL.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def make_voc(root: Path, n_train: int = 4, n_val: int = 2) -> Path:
+    base = root / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug",
+                "ImageSets/Segmentation"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    ids = [f"2007_{i:06d}" for i in range(n_train + n_val)]
+    rng = np.random.default_rng(0)
+    for k, i in enumerate(ids):
+        h, w = 36 + 2 * k, 44 - k
+        _image(base / "JPEGImages" / f"{i}.jpg", h, w, k)
+        label = rng.choice([0, 1, 2, 15, 255], size=(h, w)).astype(np.uint8)
+        for folder in ("SegmentationClass", "SegmentationClassAug"):
+            img = PIL.fromarray(label, mode="P")
+            img.putpalette([v for c in range(256) for v in (c, c, c)])
+            img.save(base / folder / f"{i}.png")
+    lists = base / "ImageSets" / "Segmentation"
+    (lists / "train_aug.txt").write_text("\n".join(ids[:n_train]) + "\n")
+    (lists / "val.txt").write_text("\n".join(ids[n_train:]) + "\n")
+    return root
+
+
+def make_cityscapes(root: Path) -> Path:
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 4), ("val", 2)):
+        for k in range(n):
+            city = "aachen" if k % 2 else "bremen"
+            name = f"{city}_{k:06d}_000019"
+            img_dir = root / "leftImg8bit" / split / city
+            lab_dir = root / "gtFine" / split / city
+            img_dir.mkdir(parents=True, exist_ok=True)
+            lab_dir.mkdir(parents=True, exist_ok=True)
+            _image(img_dir / f"{name}_leftImg8bit.png", 32, 64, k)
+            ids = rng.choice([0, 7, 8, 11, 24, 26, 33], size=(32, 64)).astype(np.uint8)
+            PIL.fromarray(ids).save(lab_dir / f"{name}_gtFine_labelIds.png")
+    return root
+
+
+def test_cityscapes_label_mapping():
+    ids = np.array([[0, 7, 8], [26, 33, 34]], dtype=np.uint8)
+    assert cityscapes_train_ids(ids).tolist() == [[255, 0, 1], [13, 18, 255]]
+
+
+def test_training_samples_are_augmented_deterministically(tmp_path):
+    data = voc(make_voc(tmp_path), "train_aug", train=True, crop=24)
+    (a_img, a_lab), (b_img, b_lab) = data[5], data[5]
+    assert a_img.shape == (3, 24, 24) and a_lab.shape == (24, 24)
+    assert (a_img == b_img).all() and (a_lab == b_lab).all()
+    assert set(np.unique(a_lab.numpy())) <= {0, 1, 2, 15, 255}
+    other = data[5 + len(data)]  # the same image in the next epoch: another crop
+    assert not (other[0] == a_img).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset,make", [("voc", make_voc), ("cityscapes", make_cityscapes)])
+def test_every_stage_end_to_end(tmp_path, dataset, make, capsys):
+    root, out = make(tmp_path / "data"), tmp_path / "runs"
+    assert main(["all", "--dataset", dataset, "--root", str(root), "--out", str(out),
+                 *SMALL]) == 0
+    for stage in ("teacher", "student", "translator", "distill-paper"):
+        assert (out / stage / "model.pt").is_file(), stage
+    for name in ("teacher", "student", "distill-paper"):
+        result = json.loads((out / name / "eval.json").read_text())
+        assert 0.0 <= result["miou"] <= 1.0 and result["flops"] > 0 and result["params"] > 0
+    student = json.loads((out / "student" / "eval.json").read_text())
+    distilled = json.loads((out / "distill-paper" / "eval.json").read_text())
+    assert student["params"] == distilled["params"] and student["flops"] == distilled["flops"]
+    teacher = json.loads((out / "teacher" / "eval.json").read_text())
+    assert teacher["params"] > 5 * student["params"]
+    log = [json.loads(line) for line in (out / "distill-paper" / "log.jsonl").read_text()
+           .splitlines()]
+    assert {"ce", "adaptation", "affinity", "lr"} <= set(log[-1])
+    assert (out / "figures" / f"{dataset}_predictions.png").stat().st_size > 5_000
+    printed = capsys.readouterr().out
+    assert "| class | IoU (%) |" in printed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["kd", "fitnet", "attention", "pairwise", "cwd"])
+def test_baseline_methods(tmp_path, method):
+    root, out = make_voc(tmp_path / "data"), tmp_path / "runs"
+    args = ["--dataset", "voc", "--root", str(root), "--out", str(out), *SMALL]
+    if not (out / "teacher" / "model.pt").exists():
+        main(["teacher", *args])
+    assert main(["distill", "--method", method, *args]) == 0
+    log = (out / f"distill-{method}" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 2
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_continues_exactly(tmp_path):
+    root = make_voc(tmp_path / "data")
+    common = ["student", "--dataset", "voc", "--root", str(root), *SMALL,
+              "--student-steps", "4"]
+    main([*common, "--out", str(tmp_path / "straight")])
+    main([*common, "--out", str(tmp_path / "crashed"), "--stop-after", "2"])
+    assert not (tmp_path / "crashed" / "student" / "model.pt").exists()
+    main([*common, "--out", str(tmp_path / "crashed"), "--resume"])
+
+    def losses(folder):
+        rows = (tmp_path / folder / "student" / "log.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"]) for r in map(json.loads, rows)]
+
+    resumed, straight = losses("crashed"), losses("straight")
+    assert [s for s, _ in resumed] == [s for s, _ in straight] == [1, 2, 3, 4]
+    assert [v for _, v in resumed] == pytest.approx([v for _, v in straight], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_torchrun(tmp_path):
+    root = make_voc(tmp_path / "data")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29531", "-m", "examples.segmentation", "student", "--dataset",
+         "voc", "--root", str(root), "--out", str(tmp_path / "runs"), *SMALL],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "student" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("remove,match", [
+    ("VOCdevkit/VOC2012/SegmentationClassAug", r"missing .*SegmentationClassAug \(the SBD "
+                                               r"trainaug labels\)"),
+    ("VOCdevkit/VOC2012/JPEGImages", r"missing .*JPEGImages \(the VOC images\)"),
+    ("VOCdevkit/VOC2012/ImageSets/Segmentation/train_aug.txt",
+     r"missing .*train_aug.txt \(the train_aug image list\)"),
+    ("VOCdevkit", r"missing .*VOCdevkit/VOC2012 \(the VOC 2012 devkit\)"),
+])
+def test_incomplete_voc_root(tmp_path, remove, match):
+    import shutil
+
+    root = make_voc(tmp_path)
+    target = root / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(FileNotFoundError, match=match):
+        main(["teacher", "--dataset", "voc", "--root", str(root), *SMALL])
+
+
+@pytest.mark.parametrize("remove,match", [
+    ("gtFine", r"missing .*gtFine/train \(the train fine labels\)"),
+    ("leftImg8bit", r"missing .*leftImg8bit/train \(the train images\)"),
+])
+def test_incomplete_cityscapes_root(tmp_path, remove, match):
+    import shutil
+
+    root = make_cityscapes(tmp_path)
+    shutil.rmtree(root / remove)
+    with pytest.raises(FileNotFoundError, match=match):
+        main(["student", "--dataset", "cityscapes", "--root", str(root), *SMALL])
+
+
+def test_a_stage_without_its_inputs(tmp_path):
+    root = make_voc(tmp_path / "data")
+    with pytest.raises(FileNotFoundError, match=r"no trained teacher at .*teacher/model.pt: "
+                                                r"run that stage first"):
+        main(["distill", "--dataset", "voc", "--root", str(root), "--out",
+              str(tmp_path / "runs"), *SMALL])
