@@ -27,7 +27,7 @@ class AugmentedShapes(Dataset):
         return len(self.images)
 
     def __getitem__(self, key):
-        epoch, index = decode_sample_key(key, len(self))
+        _, index = decode_sample_key(key, len(self))
         g = torch.Generator().manual_seed(key)
         image, label = self.images[index], self.labels[index]
         if torch.rand((), generator=g) < 0.5:

@@ -58,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     names = ("batch_size", "lr", "crop", "teacher_steps", "student_steps", "distill_steps",
-             "translator_epochs", "translator_channels", "workers", "checkpoint_every", "log_every", "seed",
+             "translator_epochs", "translator_channels", "workers", "checkpoint_every",
+             "log_every", "seed",
              "adaptation_weight", "affinity_weight", "kd_temperature", "eval_batch_size",
              "student", "amp", "sync_bn", "pretrained")
     config = CONFIGS[args.dataset].override(**{n: getattr(args, n) for n in names})
