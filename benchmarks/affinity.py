@@ -58,8 +58,9 @@ CASES: list[tuple[int, int, int, int, tuple[str, ...]]] = [
 ]
 QUICK_SIZES = ("32x32",)
 # Forward + backward keeps a few N x N float32 matrices per image alive (the
-# products, their difference, and the gradients); 6 errs on the safe side.
-DENSE_MATRICES_PER_IMAGE = 6
+# products, their difference, and the gradients): about 3.5 with the whole matrices and
+# 2 with row blocks (measured at B=4, 64 x 64); these err on the safe side.
+DENSE_MATRICES_PER_IMAGE = {"dense_full": 6.0, "dense": 3.0}
 GB = 1e9
 MB = 2**20
 
@@ -76,6 +77,7 @@ class Case:
     distance: str
     device: str
     repeats: int
+    loss: str = "affinity"
 
     @property
     def n(self) -> int:
@@ -100,7 +102,7 @@ def _peak_rss_bytes() -> int:
 
 def _make_step(case: Case) -> Callable[[], None]:
     """Build the inputs and return one forward + backward pass over them."""
-    from segdistill import affinity_loss
+    from segdistill import affinity_loss, pairwise_loss
 
     torch.manual_seed(0)
     shape = (case.batch, case.channels, case.height, case.width)
@@ -111,9 +113,12 @@ def _make_step(case: Case) -> Callable[[], None]:
         method, chunk = "dense", case.n
 
     def step() -> None:
-        loss = affinity_loss(
-            student, teacher, distance=case.distance, method=method, chunk_size=chunk
-        )
+        if case.loss == "pairwise":
+            loss = pairwise_loss(student, teacher, method=method)
+        else:
+            loss = affinity_loss(
+                student, teacher, distance=case.distance, method=method, chunk_size=chunk
+            )
         loss.backward()
         student.grad = None  # each pass allocates its gradient afresh, as in training
 
@@ -153,7 +158,8 @@ def measure(case: Case) -> dict[str, float]:
 
 def dense_need_bytes(case: Case) -> int:
     """Rough memory dense needs for forward + backward, in bytes (float32)."""
-    return DENSE_MATRICES_PER_IMAGE * case.batch * case.n * case.n * 4
+    matrices = DENSE_MATRICES_PER_IMAGE.get(case.method, 0.0)
+    return int(matrices * case.batch * case.n * case.n * 4)
 
 
 def _failure(proc: subprocess.CompletedProcess[str]) -> str:
@@ -241,23 +247,65 @@ def selected_cases(args: argparse.Namespace) -> list[tuple[int, int, int, int, t
     return cases
 
 
-def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Measure every selected case, print the table row by row, return the raw results."""
-    print(header(args.device))
-    print(f"\naffinity_loss forward + backward, distance={args.distance!r}\n")
-    print(TABLE_HEAD, flush=True)
+def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+    """Measure every selected case, print the table row by row; return the raw results
+    and the printed lines."""
+    lines: list[str] = []
+
+    def emit(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    emit(header(args.device))
+    what = "pairwise_loss" if args.loss == "pairwise" else \
+        f"affinity_loss, distance={args.distance!r}"
+    emit(f"\n{what}, forward + backward\n")
+    emit(TABLE_HEAD)
     raw = []
     for b, c, h, w, methods in selected_cases(args):
         # linear first, so each dense row can be compared with it as soon as it is printed
         results = {}
         for method in sorted(methods, key=lambda m: m != "linear"):
-            case = Case(b, c, h, w, method, args.distance, args.device, args.repeats)
+            case = Case(b, c, h, w, method, args.distance, args.device, args.repeats, args.loss)
             results[method] = run_case(case, args.memory_budget_gb, args.timeout_s)
             raw.append({**asdict(case), "n": case.n, **results[method]})
         for method in methods:
-            case = Case(b, c, h, w, method, args.distance, args.device, args.repeats)
-            print(table_row(case, results[method], results.get("linear")), flush=True)
-    return raw
+            case = Case(b, c, h, w, method, args.distance, args.device, args.repeats, args.loss)
+            emit(table_row(case, results[method], results.get("linear")))
+    return raw, lines
+
+
+def plot(raw: list[dict[str, Any]], path: str, title: str) -> None:
+    """Time and peak memory against N, one line per method, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for method in sorted({r["method"] for r in raw}):
+        rows = sorted((r for r in raw if r["method"] == method and r["status"] == "ok"),
+                      key=lambda r: (r["n"], r["batch"]))
+        if not rows:
+            continue
+        labels = [f"B={r['batch']}" for r in rows]
+        for ax, key, scale in ((axes[0], "seconds", 1.0), (axes[1], "peak_extra_bytes", MB)):
+            ax.plot([r["n"] for r in rows], [r[key] / scale for r in rows], "o-", label=method)
+            for r, label in zip(rows, labels, strict=True):
+                if r["batch"] != rows[0]["batch"]:
+                    ax.annotate(label, (r["n"], r[key] / scale), fontsize=7)
+    for ax, name in zip(axes, ("time, forward + backward (s)", "peak extra memory (MB)"),
+                        strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("N = H x W")
+        ax.set_ylabel(name)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -265,6 +313,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda'")
+    parser.add_argument("--loss", default="affinity", choices=("affinity", "pairwise"),
+                        help="affinity_loss (default) or pairwise_loss (Liu et al.)")
     parser.add_argument("--distance", default="l2", choices=("l2", "squared"))
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (default 3)")
     parser.add_argument(
@@ -287,6 +337,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="give up on one (case, method) after this long (default 3600)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the raw results here")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the table here")
+    parser.add_argument("--plot", metavar="PATH", help="also plot time and memory (PNG)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -296,9 +348,15 @@ def main() -> None:
     if args.worker:
         print(json.dumps(measure(Case(**json.loads(args.worker)))))
         return
-    raw = run_all(args)
+    raw, lines = run_all(args)
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot(raw, args.plot, f"{args.loss} loss on {args.device}, B and C as in the table")
 
 
 if __name__ == "__main__":
