@@ -17,6 +17,7 @@ from torch import Tensor
 __all__ = [
     "check_choice",
     "check_feature_map",
+    "check_feature_pair",
     "check_positive_int",
     "check_real",
     "check_same_batch",
@@ -132,6 +133,33 @@ def check_same_spatial(a: Tensor, b: Tensor, names: tuple[str, str]) -> None:
             f"expected {names[0]} and {names[1]} features on the same H x W, got "
             f"{tuple(a.shape[-2:])} and {tuple(b.shape[-2:])}; pass resize='student' or "
             f"resize='teacher' to interpolate one onto the other's grid"
+        )
+
+
+def check_feature_pair(
+    student: Any,
+    teacher: Any,
+    names: tuple[str, str] = ("student", "teacher"),
+    same_channels: str | None = None,
+) -> None:
+    """The checks every two-map loss starts with: both (B, C, H, W) floating maps,
+    non-empty, on one device, with one batch size.
+
+    Args:
+        student: the student's map.
+        teacher: the teacher's map.
+        names: what to call them in messages.
+        same_channels: if given, the channel counts must agree too; the text is
+            appended to the message (e.g. where a regressor comes from).
+    """
+    check_feature_map(student, names[0])
+    check_feature_map(teacher, names[1])
+    check_same_device(student, teacher, names)
+    check_same_batch(student, teacher, names)
+    if same_channels is not None and student.shape[1] != teacher.shape[1]:
+        raise ValueError(
+            f"expected {names[0]} and {names[1]} with the same number of channels, got "
+            f"{student.shape[1]} and {teacher.shape[1]}{same_channels}"
         )
 
 

@@ -115,7 +115,8 @@ def test_module_repr():
 
 
 def test_rejects_channel_mismatch():
-    with pytest.raises(ValueError, match=r"same number of channels .* got 3 and 5"):
+    with pytest.raises(ValueError,
+                       match=r"same number of channels, got 3 and 5 \(an Adapter maps"):
         adaptation_loss(torch.randn(1, 3, 2, 2), torch.randn(1, 5, 2, 2))
 
 

@@ -53,7 +53,7 @@ def test_gradcheck():
 
 @pytest.mark.parametrize("call,match", [
     (lambda: cwd_loss(torch.randn(1, 3, 2, 2), torch.randn(1, 4, 2, 2)),
-     r"same channels, got 3 and 4"),
+     r"same number of channels, got 3 and 4"),
     (lambda: cwd_loss(torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2), temperature=-1),
      r"temperature must be greater than 0.0, got -1.0"),
     (lambda: cwd_loss(torch.randn(1, 3, 2, 2), torch.randn(1, 3, 4, 4)),

@@ -43,7 +43,8 @@ def test_gradcheck():
 
 @pytest.mark.parametrize("call,error,match", [
     (lambda: fitnet_loss(torch.randn(1, 3, 2, 2), torch.randn(1, 4, 2, 2)), ValueError,
-     r"same channels, got 3 and 4; FitNetLoss\(student_channels, teacher_channels\)"),
+     r"same number of channels, got 3 and 4; "
+     r"FitNetLoss\(student_channels, teacher_channels\)"),
     (lambda: FitNetLoss(3, 4)(torch.randn(1, 5, 2, 2), torch.randn(1, 4, 2, 2)), ValueError,
      r"expected student features with 3 channels, got 5"),
     (lambda: FitNetLoss(0, 4), ValueError, r"student_channels must be a positive int"),

@@ -90,7 +90,8 @@ def test_gradcheck():
 
 @pytest.mark.parametrize("call,error,match", [
     (lambda: kd_loss(torch.randn(1, 3, 2, 2), torch.randn(1, 4, 2, 2)), ValueError,
-     r"same classes, got 3 and 4"),
+     r"student logits and teacher logits with the same number of channels, got 3 and 4 "
+     r"\(one per class\)"),
     (lambda: kd_loss(torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2), temperature=0),
      ValueError, r"temperature must be greater than 0.0, got 0.0"),
     (lambda: kd_loss(torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2), torch.zeros(1, 2, 2)),

@@ -9,10 +9,8 @@ from torch import Tensor, nn
 
 from segdistill._checks import (
     check_choice,
-    check_feature_map,
+    check_feature_pair,
     check_real,
-    check_same_batch,
-    check_same_device,
 )
 from segdistill._features import (
     RESIZE_MODES,
@@ -108,16 +106,8 @@ def adaptation_loss(
         >>> round(adaptation_loss(3.0 * teacher, teacher).item(), 6)  # scale-invariant
         0.0
     """
-    check_feature_map(student, "student")
-    check_feature_map(teacher, "teacher")
-    check_same_device(student, teacher, ("student", "teacher"))
-    check_same_batch(student, teacher, ("student", "teacher"))
-    if student.shape[1] != teacher.shape[1]:
-        raise ValueError(
-            "expected student and teacher features with the same number of channels "
-            f"(an Adapter maps the student's onto the teacher's), got {student.shape[1]} "
-            f"and {teacher.shape[1]}"
-        )
+    check_feature_pair(student, teacher,
+                       same_channels=" (an Adapter maps the student's onto the teacher's)")
     _check_options(p, q, normalize, resize, eps, reduction)
     student, teacher = align_spatial(student, teacher, resize)
 

@@ -38,10 +38,9 @@ from torch import Tensor, nn
 from segdistill._checks import (
     check_choice,
     check_feature_map,
+    check_feature_pair,
     check_positive_int,
     check_real,
-    check_same_batch,
-    check_same_device,
 )
 from segdistill._features import RESIZE_MODES, Resize, align_spatial, full_precision
 from segdistill._reduction import Reduction, check_reduction, reduce_loss
@@ -275,10 +274,7 @@ def affinity_loss(
         >>> affinity_loss(teacher, teacher).abs().item() < 1e-6
         True
     """
-    check_feature_map(student, "student")
-    check_feature_map(teacher, "teacher")
-    check_same_device(student, teacher, ("student", "teacher"))
-    check_same_batch(student, teacher, ("student", "teacher"))
+    check_feature_pair(student, teacher)
     _check_options(distance, method, resize, chunk_size, eps, reduction)
     student, teacher = align_spatial(student, teacher, resize)
 

@@ -6,10 +6,8 @@ from torch import Tensor, nn
 
 from segdistill._checks import (
     check_choice,
-    check_feature_map,
+    check_feature_pair,
     check_real,
-    check_same_batch,
-    check_same_device,
 )
 from segdistill._features import (
     RESIZE_MODES,
@@ -92,10 +90,7 @@ def attention_transfer_loss(
         >>> attention_transfer_loss(5.0 * t, t).item() < 1e-12
         True
     """
-    check_feature_map(student, "student")
-    check_feature_map(teacher, "teacher")
-    check_same_device(student, teacher, ("student", "teacher"))
-    check_same_batch(student, teacher, ("student", "teacher"))
+    check_feature_pair(student, teacher)
     _check_options(p, resize, reduction)
     student, teacher = align_spatial(student, teacher, resize)
     ctx, (s, t) = full_precision(student, teacher)

@@ -2,18 +2,16 @@ r"""Channel-wise distillation (Shu et al., ICCV 2021)."""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segdistill._checks import (
     check_choice,
-    check_feature_map,
+    check_feature_pair,
     check_real,
-    check_same_batch,
-    check_same_device,
 )
 from segdistill._features import RESIZE_MODES, Resize, align_spatial, full_precision
 from segdistill._reduction import Reduction, check_reduction, reduce_loss
+from segdistill.losses._kl import softened_kl
 
 __all__ = ["CWDLoss", "cwd_loss"]
 
@@ -74,21 +72,13 @@ def cwd_loss(
         >>> abs(cwd_loss(t + 3.0, t).item()) < 1e-6  # a per-channel shift changes nothing
         True
     """
-    check_feature_map(student, "student")
-    check_feature_map(teacher, "teacher")
-    check_same_device(student, teacher, ("student", "teacher"))
-    check_same_batch(student, teacher, ("student", "teacher"))
-    if student.shape[1] != teacher.shape[1]:
-        raise ValueError(f"expected student and teacher maps with the same channels, got "
-                         f"{student.shape[1]} and {teacher.shape[1]}")
+    check_feature_pair(student, teacher, same_channels="")
     _check_options(temperature, resize, reduction)
     student, teacher = align_spatial(student, teacher, resize)
     ctx, (s, t) = full_precision(student, teacher)
     with ctx:
-        log_p_s = F.log_softmax(s.flatten(2) / temperature, dim=-1)
-        log_p_t = F.log_softmax(t.flatten(2) / temperature, dim=-1)
-        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # (B, C)
-        return reduce_loss(kl.mean(1) * temperature**2, reduction)
+        kl = softened_kl(s.flatten(2), t.flatten(2), temperature, dim=-1)  # (B, C)
+        return reduce_loss(kl.mean(1), reduction)
 
 
 class CWDLoss(nn.Module):

@@ -7,9 +7,8 @@ from torch import Tensor, nn
 
 from segdistill._checks import (
     check_feature_map,
+    check_feature_pair,
     check_positive_int,
-    check_same_batch,
-    check_same_device,
 )
 from segdistill._features import full_precision
 from segdistill._reduction import Reduction, check_reduction, reduce_loss
@@ -52,16 +51,9 @@ def fitnet_loss(student: Tensor, teacher: Tensor, *, reduction: Reduction = "mea
         >>> round(fitnet_loss(torch.randn(2, 8, 4, 4), teacher).item(), 4)
         1.6116
     """
-    check_feature_map(student, "student")
-    check_feature_map(teacher, "teacher")
-    check_same_device(student, teacher, ("student", "teacher"))
-    check_same_batch(student, teacher, ("student", "teacher"))
-    if student.shape[1] != teacher.shape[1]:
-        raise ValueError(
-            f"expected student and teacher features with the same channels, got "
-            f"{student.shape[1]} and {teacher.shape[1]}; FitNetLoss(student_channels, "
-            "teacher_channels) adds the 1x1 regressor that maps one onto the other"
-        )
+    check_feature_pair(student, teacher, same_channels=(
+        "; FitNetLoss(student_channels, teacher_channels) adds the 1x1 regressor that maps "
+        "one onto the other"))
     check_reduction(reduction)
     ctx, (s, t) = full_precision(student, teacher)
     with ctx:

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segdistill._checks import check_feature_map, check_real, check_same_batch, check_same_device
+from segdistill._checks import check_feature_pair, check_real
 from segdistill._features import full_precision
 from segdistill._reduction import Reduction, check_reduction, reduce_loss
+from segdistill.losses._kl import softened_kl
 
 __all__ = ["KDLoss", "kd_loss"]
 
@@ -97,13 +98,8 @@ def kd_loss(
         >>> kd_loss(teacher, teacher).item()
         0.0
     """
-    check_feature_map(student, "student logits")
-    check_feature_map(teacher, "teacher logits")
-    check_same_device(student, teacher, ("student logits", "teacher logits"))
-    check_same_batch(student, teacher, ("student logits", "teacher logits"))
-    if student.shape[1] != teacher.shape[1]:
-        raise ValueError(f"expected student and teacher logits over the same classes, got "
-                         f"{student.shape[1]} and {teacher.shape[1]}")
+    check_feature_pair(student, teacher, ("student logits", "teacher logits"),
+                       same_channels=" (one per class)")
     _check_options(temperature, ignore_index, reduction)
     size = (teacher.shape[-2], teacher.shape[-1])
     valid = None
@@ -114,9 +110,7 @@ def kd_loss(
     with ctx:
         if tuple(s.shape[-2:]) != size:
             s = F.interpolate(s, size=size, mode="bilinear", align_corners=False)
-        log_p_s = F.log_softmax(s / temperature, dim=1)
-        log_p_t = F.log_softmax(t / temperature, dim=1)
-        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1) * temperature**2
+        kl = softened_kl(s, t, temperature, dim=1)
         if valid is None:
             return reduce_loss(kl, reduction)
         kl = torch.where(valid, kl, torch.zeros_like(kl))

@@ -9,11 +9,9 @@ from torch import Tensor, nn
 
 from segdistill._checks import (
     check_choice,
-    check_feature_map,
+    check_feature_pair,
     check_positive_int,
     check_real,
-    check_same_batch,
-    check_same_device,
 )
 from segdistill._features import RESIZE_MODES, Resize, align_spatial, full_precision
 from segdistill._reduction import Reduction, check_reduction, reduce_loss
@@ -100,10 +98,7 @@ def pairwise_loss(
         >>> round(pairwise_loss(s, t, patch_size=2).item(), 4)
         0.0474
     """
-    check_feature_map(student, "student")
-    check_feature_map(teacher, "teacher")
-    check_same_device(student, teacher, ("student", "teacher"))
-    check_same_batch(student, teacher, ("student", "teacher"))
+    check_feature_pair(student, teacher)
     patch = _check_options(patch_size, method, resize, eps, reduction)
     student, teacher = align_spatial(student, teacher, resize)
     ctx, (x_s, x_t) = full_precision(student, teacher)
