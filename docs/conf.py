@@ -43,5 +43,5 @@ intersphinx_mapping = {
 }
 
 html_theme = "alabaster"
-html_static_path = ["_static"]
+html_static_path: list[str] = []
 html_title = f"segdistill {release}"

@@ -11,7 +11,15 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from segdistill.demo.data import NUM_CLASSES, make_digit_scenes
-from segdistill.demo.run import METHODS, DemoConfig, format_table, main, run
+from segdistill.demo.run import (
+    METHODS,
+    DemoConfig,
+    format_scales,
+    format_table,
+    loss_scales,
+    main,
+    run,
+)
 
 
 def test_scenes_are_deterministic_and_labelled():
@@ -55,9 +63,30 @@ def test_every_method_runs_end_to_end(tmp_path):
 
 def test_command_line(tmp_path, capsys):
     code = main(["--steps", "2", "--teacher-steps", "2", "--translator-steps", "2",
-                 "--train-scenes", "16", "--val-scenes", "4", "--methods", "student",
+                 "--train-scenes", "16", "--val-scenes", "4", "--batch-size", "4",
+                 "--methods", "student", "adaptation", "--beta", "3",
                  "--no-figure", "--out", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
     assert "| teacher | 1 |" in out and "| student | 1 |" in out
-    assert (tmp_path / "results.json").exists()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["config"]["batch_size"] == 4 and saved["config"]["adaptation_weight"] == 3
+    summary = (tmp_path / "summary.md").read_text()
+    assert "beta = 3, gamma = 1" in summary
+    assert "| adaptation | adaptation |" in summary  # the loss-scale table
+    assert "| student | loss |" not in summary  # plain students have no distillation terms
+
+
+def test_loss_scales_average_the_first_and_last_steps():
+    history = [{"step": i + 1, "lr": 0.1, "loss": float(i), "ce": 1.0, "kd": float(2 * i)}
+               for i in range(10)]
+    start, end = loss_scales(history, window=3)
+    assert start == {"loss": 1.0, "ce": 1.0, "kd": 2.0}
+    assert end == {"loss": 8.0, "ce": 1.0, "kd": 16.0}
+    assert loss_scales([]) == ({}, {})
+    rows = [{"method": "kd_T2", "terms_start": start, "terms_end": end},
+            {"method": "student", "terms_start": {"loss": 1.0, "ce": 1.0},
+             "terms_end": {"loss": 1.0, "ce": 1.0}}]
+    table = format_scales(rows)
+    assert "| kd_T2 | kd | 2 | 16 |" in table and "student" not in table
+    assert format_scales(rows[1:]) == ""

@@ -144,11 +144,14 @@ def run(config: DemoConfig) -> dict[str, Any]:
             torch.manual_seed(seed)
             student = models.student()
             wrapper = _make_wrapper(method, teacher, student, stage1.translator, config)
-            train_segmenter(wrapper or student, train, config.student_steps, config, seed=seed)
+            history = train_segmenter(wrapper or student, train, config.student_steps, config,
+                                      seed=seed)
             if wrapper is not None:
                 wrapper.remove_hooks()
             cm = evaluate(student, val)
-            results["rows"].append(_row(method, seed, cm, student, example))
+            row = _row(method, seed, cm, student, example)
+            row["terms_start"], row["terms_end"] = loss_scales(history)
+            results["rows"].append(row)
             trained[(method, seed)] = student
     results["seconds"] = time.perf_counter() - t0
     results["summary"] = summarize(results["rows"])
@@ -168,6 +171,38 @@ def _row(method: str, seed: int, cm: ConfusionMatrix, model: nn.Module,
     return {"method": method, "seed": seed, "miou": cm.miou(),
             "iou": [float(v) for v in cm.iou()], "params": count_parameters(model),
             "flops": count_flops(model, example)}
+
+
+def loss_scales(history: list[dict[str, float]], window: int = 50
+                ) -> tuple[dict[str, float], dict[str, float]]:
+    """Each logged loss term (already weighted) averaged over the first and the last
+    ``window`` steps: how large each term is beside the cross-entropy."""
+
+    def mean(rows: list[dict[str, float]]) -> dict[str, float]:
+        keys = [k for k in rows[0] if k not in ("step", "lr")]
+        return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+
+    if not history:
+        return {}, {}
+    return mean(history[:window]), mean(history[-window:])
+
+
+def format_scales(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of the weighted loss terms at the start and the end of
+    training, averaged over seeds, one line per distilled method."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("terms_start") and len(row["terms_start"]) > 2:  # more than loss and ce
+            by_method.setdefault(row["method"], []).append(row)
+    if not by_method:
+        return ""
+    lines = ["| method | term | first 50 steps | last 50 steps |", "|---|---|---:|---:|"]
+    for method, group in by_method.items():
+        for key in group[0]["terms_start"]:
+            start = sum(r["terms_start"][key] for r in group) / len(group)
+            end = sum(r["terms_end"][key] for r in group) / len(group)
+            lines.append(f"| {method} | {key} | {start:.4g} | {end:.4g} |")
+    return "\n".join(lines)
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -225,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--translator-steps", type=int, help="translator steps (default 300)")
     parser.add_argument("--train-scenes", type=int, help="training scenes (default 2000)")
     parser.add_argument("--val-scenes", type=int, help="validation scenes (default 500)")
+    parser.add_argument("--batch-size", type=int, help="batch size (default 32)")
     parser.add_argument("--beta", type=float, help="adaptation weight (default 50, the paper's)")
     parser.add_argument("--gamma", type=float, help="affinity weight (default 1, the paper's)")
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
@@ -244,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "translator_steps": lambda v: setattr(config, "translator_steps", v),
         "train_scenes": lambda v: setattr(config, "train_scenes", v),
         "val_scenes": lambda v: setattr(config, "val_scenes", v),
+        "batch_size": lambda v: setattr(config, "batch_size", v),
         "beta": lambda v: setattr(config, "adaptation_weight", v),
         "gamma": lambda v: setattr(config, "affinity_weight", v),
     }
@@ -263,10 +300,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = format_table(results["summary"])
     print(table)
     print(f"\n{footer}")
+    scales = format_scales(results["rows"])
+    if scales:
+        print(f"\nweighted loss terms (mean over seeds):\n{scales}")
+        scales = f"\nWeighted loss terms, mean over seeds:\n\n{scales}\n"
     (Path(config.out_dir) / "summary.md").write_text(
         f"{table}\n\nCommand: `{command.strip()}`  \nMachine: {footer}  \n"
         f"beta = {config.adaptation_weight:g}, gamma = {config.affinity_weight:g}, "
-        f"{config.student_steps} student steps, seeds {list(config.seeds)}\n"
+        f"{config.student_steps} student steps, seeds {list(config.seeds)}\n{scales}"
     )
     if "figure" in results:
         print(f"figure: {results['figure']}")

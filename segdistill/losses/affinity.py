@@ -30,7 +30,7 @@ still, because :math:`\sum_i s_i^\top G_{ss} s_i = \lVert G_{ss} \rVert_F^2`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -134,26 +134,73 @@ def _row_distances_linear(s: Tensor, t: Tensor, distance: str) -> Tensor:
     and :math:`N^2 \\sum_i \\lVert A^s_i - A^t_i\\rVert_2^2` (shape (B,)) for
     ``'squared'``.
     """
-    g_ss = s @ s.mT
-    g_st = s @ t.mT
-    g_tt = t @ t.mT
     if distance == "squared":
+        g_ss = s @ s.mT
+        g_st = s @ t.mT
+        g_tt = t @ t.mT
         # sum_i s_i' G s_i = trace(S' G S) = trace(G S S') = ||G||_F^2
         total = g_ss.square().sum((1, 2)) - 2 * g_st.square().sum((1, 2))
         total = total + g_tt.square().sum((1, 2))
         return total.clamp_min(0.0)
-    p_ss = g_ss @ s
-    c = ((g_tt @ t) * t).sum(1)
-    # s_i' (G_ss s_i - 2 G_st t_i): one fused product and one reduction
-    r = (torch.baddbmm(p_ss, g_st, t, alpha=-2.0) * s).sum(1) + c
-    with torch.no_grad():  # the size of the cancelling terms, a_i + c_i
+    rows: Tensor = _LinearRowNorms.apply(s, t)
+    return rows
+
+
+class _LinearRowNorms(torch.autograd.Function):
+    r"""Row norms :math:`d_i = \lVert S^\top s_i - T^\top t_i \rVert_2` with a hand-written
+    backward pass.
+
+    With :math:`\Delta = S^\top S - T^\top T` (N x N, never formed) and
+    :math:`w_i = \partial L / \partial r_i` for :math:`r_i = d_i^2`, the gradient is
+
+    .. math::
+
+        \frac{\partial L}{\partial S} = 2\, (S\Delta) W + 2\, (SW)\,\Delta
+            = 2\, Y_s W + 2\, (SW S^\top) S - 2\, (SW T^\top) T,
+
+    with :math:`W = \mathrm{diag}(w)` and :math:`Y_s = S\Delta = G_{ss} S - G_{st} T`,
+    which the forward pass computes anyway; the teacher's gradient is the same
+    with the roles swapped. That is four C x C x N products where autograd
+    would take six. First-order only (no double backward).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, t: Tensor) -> Tensor:
+        g_ss = s @ s.mT
+        g_st = s @ t.mT
+        p_ss = g_ss @ s  # G_ss s_i for every i
+        p_st = g_st @ t  # G_st t_i
+        q_tt = (t @ t.mT) @ t  # G_tt t_i
         a = (p_ss * s).sum(1)
-        floor = _CANCELLATION_ULPS * torch.finfo(r.dtype).eps * (a + c)
-    keep = r > floor
-    # Double where: the square root never sees a non-positive argument, so
-    # neither its value nor its gradient can become NaN or infinite.
-    safe = torch.where(keep, r, torch.ones_like(r))
-    return torch.where(keep, safe.sqrt(), torch.zeros_like(r))
+        c = (q_tt * t).sum(1)
+        y_s = p_ss - p_st  # S Delta
+        r = (y_s * s).sum(1) - (p_st * s).sum(1) + c
+        # Rows whose value is rounding noise of the cancelling terms a + c count as 0.
+        keep = r > _CANCELLATION_ULPS * torch.finfo(r.dtype).eps * (a + c)
+        rows = torch.where(keep, r.clamp_min(0.0).sqrt(), torch.zeros_like(r))
+        y_t = None
+        if ctx.needs_input_grad[1]:
+            y_t = q_tt - g_st.mT @ s  # T (-Delta)
+        ctx.save_for_backward(s, t, y_s, y_t, rows, keep)
+        return rows
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        s, t, y_s, y_t, rows, keep = ctx.saved_tensors
+        # dL/dr_i = g_i / (2 d_i), zero where the row counted as zero
+        w = torch.where(keep, grad_rows / torch.where(keep, 2 * rows, torch.ones_like(rows)),
+                        torch.zeros_like(rows)).unsqueeze(1)
+        grad_s = grad_t = None
+        if ctx.needs_input_grad[0]:
+            sw = s * w
+            grad_s = torch.baddbmm(y_s * w, sw @ s.mT, s)
+            grad_s = torch.baddbmm(grad_s, sw @ t.mT, t, alpha=-1.0).mul_(2.0)
+        if ctx.needs_input_grad[1]:
+            tw = t * w
+            grad_t = torch.baddbmm(y_t * w, tw @ t.mT, t)
+            grad_t = torch.baddbmm(grad_t, tw @ s.mT, s, alpha=-1.0).mul_(2.0)
+        return grad_s, grad_t
 
 
 def _row_distances_dense(s: Tensor, t: Tensor, distance: str, chunk_size: int | None) -> Tensor:

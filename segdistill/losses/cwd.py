@@ -43,13 +43,18 @@ def cwd_loss(
             \phi(y^t_c)_i \log \frac{\phi(y^t_c)_i}{\phi(y^s_c)_i},
         \qquad \phi(y_c)_i = \frac{\exp(y_{c,i} / T)}{\sum_j \exp(y_{c,j} / T)}
 
-    per image, then reduced over the batch. Usually applied to logits (the
-    paper's default for segmentation); any maps with equal channels work.
+    per image, then reduced over the batch. With ``reduction='mean'`` this is
+    the reference implementation (mmrazor's ``ChannelWiseDivergence``: the
+    sum over the batch and the channels times :math:`T^2 / (BC)`). Usually
+    applied to logits (the paper's setting for segmentation); any maps with
+    equal channels work. Adding a constant to a whole channel of either map
+    changes nothing (the softmax is shift-invariant).
 
     Args:
         student: the student's map.
         teacher: the teacher's map, with the same channels.
-        temperature: :math:`T > 0` (the paper's 4 by default).
+        temperature: :math:`T > 0` (default 4; the authors' released configs
+            for logits also use 1, so it is worth tuning).
         resize: ``'none'`` requires equal H x W; ``'student'`` or ``'teacher'``
             bilinearly resizes the other map onto that one's grid.
         reduction: ``'none'`` (per image) | ``'mean'`` | ``'sum'`` over the batch.
@@ -59,10 +64,14 @@ def cwd_loss(
         - teacher: :math:`(B, C, H, W)`.
         - output: scalar, or :math:`(B,)` with ``reduction='none'``.
 
+    Returns:
+        The loss, in the compute dtype (float32, or float64 for float64 inputs).
+
     Raises:
         TypeError: an input is not a floating-point tensor.
         ValueError: not 4-D, empty, different batch, channel or (without
-            ``resize``) spatial sizes, or an unknown option.
+            ``resize``) spatial sizes, inputs on different devices, a
+            non-positive temperature, or an unknown option.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -87,9 +96,23 @@ class CWDLoss(nn.Module):
     Stores the options of :func:`cwd_loss` and calls it in ``forward``; see
     that function for the formula and the arguments.
 
+    Args:
+        temperature: :math:`T > 0` (default 4).
+        resize: ``'none'``, ``'student'`` or ``'teacher'``.
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'`` over the batch.
+
+    Shape:
+        - student: :math:`(B, C, H, W)`.
+        - teacher: :math:`(B, C, H, W)`.
+        - output: scalar, or :math:`(B,)` with ``reduction='none'``.
+
     Example:
-        >>> CWDLoss()
+        >>> _ = torch.manual_seed(0)
+        >>> criterion = CWDLoss()
+        >>> criterion
         CWDLoss(temperature=4.0, resize='none', reduction='mean')
+        >>> round(criterion(torch.randn(2, 5, 8, 8), torch.randn(2, 5, 8, 8)).item(), 4)
+        1.0324
     """
 
     def __init__(self, temperature: float = 4.0, resize: Resize = "none",

@@ -19,9 +19,10 @@ __all__ = ["FitNetLoss", "fitnet_loss"]
 def fitnet_loss(student: Tensor, teacher: Tensor, *, reduction: Reduction = "mean") -> Tensor:
     r"""FitNet hint loss of Romero et al. (ICLR 2015), for dense features.
 
-    The student's (regressed) features are bilinearly upsampled to the
-    teacher's H x W, as in the comparison of He et al. (Table 3), and matched
-    with a squared L2 distance:
+    The student's (regressed) features are bilinearly resized
+    (``align_corners=False``) to the teacher's H x W, as in the FitNet baseline
+    of He et al. (CVPR 2019, Table 3), and matched with a squared L2 distance
+    averaged over elements (a mean squared error):
 
     .. math::
 
@@ -41,15 +42,22 @@ def fitnet_loss(student: Tensor, teacher: Tensor, *, reduction: Reduction = "mea
         - teacher: :math:`(B, C, H, W)`.
         - output: scalar, or :math:`(B, C, H, W)` with ``reduction='none'``.
 
+    Returns:
+        The loss, in the compute dtype (float32, or float64 for float64 inputs).
+
     Raises:
         TypeError: an input is not a floating-point tensor.
-        ValueError: not 4-D, empty, different batch or channel counts.
+        ValueError: not 4-D, empty, different batch or channel counts (the
+            message points to :class:`FitNetLoss`), inputs on different
+            devices, or an unknown reduction.
 
     Example:
         >>> _ = torch.manual_seed(0)
         >>> teacher = torch.randn(2, 8, 8, 8)
         >>> round(fitnet_loss(torch.randn(2, 8, 4, 4), teacher).item(), 4)
         1.6116
+        >>> fitnet_loss(teacher, teacher, reduction="sum").item()
+        0.0
     """
     check_feature_pair(student, teacher, same_channels=(
         "; FitNetLoss(student_channels, teacher_channels) adds the 1x1 regressor that maps "
@@ -67,21 +75,40 @@ class FitNetLoss(nn.Module):
 
     Where the channel counts differ, a 1x1 convolution without bias maps the
     student's channels onto the teacher's; where they agree the regressor is
-    the identity. The regressor is applied before upsampling (a 1x1
-    convolution and bilinear upsampling commute, and the small grid is
-    cheaper), then :func:`fitnet_loss` is called.
+    ``nn.Identity``. The bias is left out by choice (Romero et al. leave the
+    regressor's form open): a pure linear map of the channels, like the
+    bias-free convolutions of :class:`~segdistill.Adapter`. The regressor is
+    applied before resizing (a 1x1 convolution and bilinear interpolation
+    commute, and the small grid is cheaper), then :func:`fitnet_loss` is
+    called. It is a trainable part of the student side: give its parameters
+    to the optimizer. Under ``torch.autocast`` it runs in the autocast dtype
+    like any other layer, while the loss itself is computed in float32.
 
     Args:
         student_channels: :math:`C_s`.
         teacher_channels: :math:`C_t`.
-        reduction: ``'none'`` | ``'mean'`` | ``'sum'``.
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'`` over the elements.
+
+    Shape:
+        - student: :math:`(B, C_s, h, w)`.
+        - teacher: :math:`(B, C_t, H, W)`.
+        - output: scalar, or :math:`(B, C_t, H, W)` with ``reduction='none'``.
+
+    Raises:
+        TypeError: a channel count is not an int.
+        ValueError: a channel count is below 1; in ``forward``, student
+            features whose channel count is not ``student_channels``.
 
     Example:
-        >>> FitNetLoss(48, 64)
+        >>> _ = torch.manual_seed(0)
+        >>> criterion = FitNetLoss(48, 64)
+        >>> criterion
         FitNetLoss(
           student_channels=48, teacher_channels=64, reduction='mean'
           (regressor): Conv2d(48, 64, kernel_size=(1, 1), stride=(1, 1), bias=False)
         )
+        >>> round(criterion(torch.randn(2, 48, 4, 4), torch.randn(2, 64, 8, 8)).item(), 4)
+        1.1773
     """
 
     def __init__(self, student_channels: int, teacher_channels: int,

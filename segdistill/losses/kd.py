@@ -6,7 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segdistill._checks import check_feature_pair, check_real
+from segdistill._checks import (
+    check_feature_pair,
+    check_real,
+    check_same_batch,
+    check_same_device,
+)
 from segdistill._features import full_precision
 from segdistill._reduction import Reduction, check_reduction, reduce_loss
 from segdistill.losses._kl import softened_kl
@@ -22,17 +27,21 @@ def _check_options(temperature: float, ignore_index: int | None, reduction: str)
     check_reduction(reduction)
 
 
-def _valid_mask(target: Tensor, size: tuple[int, int], batch: int, ignore_index: int) -> Tensor:
+def _check_target(target: object, logits: Tensor) -> None:
+    """Labels must be a (B, H_l, W_l) integer tensor beside the logits; any grid."""
     if not isinstance(target, Tensor):
         raise TypeError(f"expected target to be a torch.Tensor, got {type(target).__name__}")
     if target.ndim != 3:
         raise ValueError(f"expected target of shape (B, H, W), got a {target.ndim}-D tensor of "
                          f"shape {tuple(target.shape)}")
-    if target.is_floating_point() or target.is_complex():
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"expected target to hold integer labels, got {target.dtype}")
-    if target.shape[0] != batch:
-        raise ValueError(f"expected logits and target with the same batch size, got {batch} "
-                         f"and {target.shape[0]}")
+    check_same_device(logits, target, ("logits", "target"))
+    check_same_batch(logits, target, ("logits", "target"))
+
+
+def _valid_mask(target: Tensor, size: tuple[int, int], ignore_index: int) -> Tensor:
+    """True where the label, nearest-resized onto ``size``, is not ``ignore_index``."""
     valid = target != ignore_index
     if tuple(valid.shape[-2:]) != size:
         valid = F.interpolate(valid[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
@@ -59,19 +68,25 @@ def kd_loss(
         \mathcal{L}_{kd} = \frac{T^2}{|P|} \sum_{p \in P}
             \mathrm{KL}\big(\sigma(z^t_p / T) \,\big\|\, \sigma(z^s_p / T)\big)
 
-    with :math:`\sigma` the softmax over classes and :math:`P` the pixels
-    that are not ignored. As in the paper's comparison (its Table 3), student
-    logits on a coarser grid are bilinearly resized to the teacher's logit
-    size: that resize is part of this loss's definition, not a silent fix.
+    with :math:`\sigma` the softmax over classes and :math:`P` the pixels of
+    the teacher's logit grid whose label is not ``ignore_index`` (every pixel
+    without labels). As in the KD baseline of He et al. (CVPR 2019, Table 3),
+    student logits on another grid are bilinearly resized (``align_corners=False``)
+    to the teacher's logit size first: that resize is part of this loss's
+    definition, not a silent fix. At :math:`T = 1` this is the plain KL
+    divergence of the class distributions, averaged over pixels.
 
     Args:
         student: the student's logits.
         teacher: the teacher's logits, with the same classes.
         target: optional labels; pixels labelled ``ignore_index`` are left
             out. Labels on another grid than the teacher's logits are resized
-            to it (nearest neighbour).
-        temperature: :math:`T > 0`; He et al. compare :math:`T \in \{2, 4, 6\}`.
-        ignore_index: the label to leave out, or ``None`` to use every pixel.
+            onto it by nearest neighbour (``F.interpolate(mode='nearest')``)
+            before the ignore mask is taken.
+        temperature: :math:`T > 0` (default 4, the middle of the values
+            :math:`T \in \{2, 4, 6\}` that KD baselines for segmentation use).
+        ignore_index: the label to leave out, or ``None`` to count every pixel
+            (the target is still validated).
         reduction: ``'none'`` (a (B, H, W) map, zero at ignored pixels),
             ``'mean'`` over the counted pixels, or ``'sum'``.
 
@@ -85,16 +100,23 @@ def kd_loss(
         The loss, in float32 at least. With every pixel ignored it is 0.
 
     Raises:
-        TypeError: non-floating logits, non-integer labels.
+        TypeError: non-floating logits, a target that is not a tensor of
+            integer labels, a non-integer ``ignore_index``.
         ValueError: shapes that are not 4-D (logits) or 3-D (labels), batch or
-            class counts that differ, a non-positive temperature, an unknown
-            reduction.
+            class counts that differ, inputs on different devices, a
+            non-positive temperature, an unknown reduction.
 
     Example:
         >>> _ = torch.manual_seed(0)
         >>> teacher, student = torch.randn(2, 5, 8, 8), torch.randn(2, 5, 4, 4)
         >>> round(kd_loss(student, teacher, temperature=2.0).item(), 4)
         0.5853
+        >>> labels = torch.randint(0, 5, (2, 16, 16))  # nearest-resized to 8 x 8
+        >>> labels[:, :8] = 255  # the top half is ignored
+        >>> round(kd_loss(student, teacher, labels, temperature=2.0).item(), 4)
+        0.5161
+        >>> kd_loss(student, teacher, labels, reduction="none")[:, :4].abs().max().item()
+        0.0
         >>> kd_loss(teacher, teacher).item()
         0.0
     """
@@ -103,8 +125,10 @@ def kd_loss(
     _check_options(temperature, ignore_index, reduction)
     size = (teacher.shape[-2], teacher.shape[-1])
     valid = None
-    if target is not None and ignore_index is not None:
-        valid = _valid_mask(target, size, teacher.shape[0], ignore_index).to(teacher.device)
+    if target is not None:
+        _check_target(target, teacher)
+        if ignore_index is not None:
+            valid = _valid_mask(target, size, ignore_index)
 
     ctx, (s, t) = full_precision(student, teacher)
     with ctx:
@@ -127,12 +151,23 @@ class KDLoss(nn.Module):
 
     Args:
         temperature: :math:`T > 0` (default 4).
-        ignore_index: label left out when a target is given (default 255).
-        reduction: ``'none'`` | ``'mean'`` | ``'sum'``.
+        ignore_index: label left out when a target is given (default 255), or
+            ``None``.
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'`` over pixels.
+
+    Shape:
+        - student: :math:`(B, K, h, w)` logits.
+        - teacher: :math:`(B, K, H, W)` logits.
+        - target (optional): :math:`(B, H_l, W_l)` integer labels.
+        - output: scalar, or :math:`(B, H, W)` with ``reduction='none'``.
 
     Example:
-        >>> KDLoss(temperature=2.0)
+        >>> _ = torch.manual_seed(0)
+        >>> criterion = KDLoss(temperature=2.0)
+        >>> criterion
         KDLoss(temperature=2.0, ignore_index=255, reduction='mean')
+        >>> round(criterion(torch.randn(2, 5, 4, 4), torch.randn(2, 5, 8, 8)).item(), 4)
+        0.601
     """
 
     def __init__(self, temperature: float = 4.0, ignore_index: int | None = 255,

@@ -2,8 +2,6 @@ r"""Pair-wise similarity distillation (Liu et al., CVPR 2019), memory-linear."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -15,7 +13,7 @@ from segdistill._checks import (
 )
 from segdistill._features import RESIZE_MODES, Resize, align_spatial, full_precision
 from segdistill._reduction import Reduction, check_reduction, reduce_loss
-from segdistill.losses.affinity import METHODS, _flatten_normalized, _row_distances
+from segdistill.losses.affinity import METHODS, Method, _flatten_normalized, _row_distances
 
 __all__ = ["PairwiseLoss", "pairwise_loss"]
 
@@ -47,7 +45,7 @@ def pairwise_loss(
     teacher: Tensor,
     *,
     patch_size: PatchSize = None,
-    method: Literal["auto", "dense", "linear"] = "auto",
+    method: Method = "auto",
     resize: Resize = "none",
     eps: float = 1e-8,
     reduction: Reduction = "mean",
@@ -63,12 +61,20 @@ def pairwise_loss(
         \mathcal{L}_{pa} = \frac{1}{N^2} \sum_{i=1}^{N} \sum_{j=1}^{N}
             \big(a^s_{ij} - a^t_{ij}\big)^2 ,
 
-    then reduced over the batch. A node is a position, or with ``patch_size``
-    a patch max-pooled to one vector (kernel = stride = ``patch_size``,
-    partial patches at the border kept), as in the paper. The sum over pairs
-    is computed by the memory-linear algorithm of
-    :func:`~segdistill.affinity_loss` (its squared-Frobenius form): no N x N
-    tensor, unless ``method='dense'`` or the channels outnumber the nodes.
+    then reduced over the batch (``'mean'``, as in the authors' code). A node
+    is a position (:math:`N = HW`), or with ``patch_size`` a patch max-pooled
+    to one vector (``F.max_pool2d`` with kernel = stride = ``patch_size`` and
+    ``ceil_mode=True``, so partial patches at the border are kept), as in the
+    paper; :math:`N` is then the number of patches. A node whose features are
+    all zero has zero similarity to every node (its norm is clamped at
+    ``eps``).
+
+    The sum over pairs is computed by the memory-linear algorithm of
+    :func:`~segdistill.affinity_loss` (its squared-Frobenius form) from
+    C x C Gram matrices: no N x N tensor, unless ``method='dense'``, or
+    ``method='auto'`` and the channel count is comparable to N or larger. The
+    affinities there are scaled by :math:`1/N`, so without pooling this loss
+    is :math:`N` times ``affinity_loss(..., distance='squared')``.
 
     Args:
         student: the student's features.
@@ -85,10 +91,15 @@ def pairwise_loss(
         - teacher: :math:`(B, C_t, H, W)`.
         - output: scalar, or :math:`(B,)` with ``reduction='none'``.
 
+    Returns:
+        The loss, in the compute dtype (float32, or float64 for float64 inputs).
+
     Raises:
-        TypeError: an input is not a floating-point tensor, a bad ``patch_size``.
+        TypeError: an input is not a floating-point tensor, a ``patch_size``
+            that is not an int, a pair of ints or ``None``.
         ValueError: not 4-D, empty, different batch or (without ``resize``)
-            spatial sizes, or an unknown option.
+            spatial sizes, inputs on different devices, a ``patch_size``
+            below 1, or an unknown option.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -120,18 +131,35 @@ class PairwiseLoss(nn.Module):
     Stores the options of :func:`pairwise_loss` and calls it in ``forward``;
     see that function for the formula and the arguments.
 
+    Args:
+        patch_size: pool nodes from patches of this size (an int or an
+            (h, w) pair), or ``None`` for one node per position.
+        method: ``'auto'``, ``'dense'`` or ``'linear'``.
+        resize: ``'none'``, ``'student'`` or ``'teacher'``.
+        eps: lower bound on a node's norm before normalising.
+        reduction: ``'none'`` | ``'mean'`` | ``'sum'`` over the batch.
+
+    Shape:
+        - student: :math:`(B, C_s, H, W)`.
+        - teacher: :math:`(B, C_t, H, W)`.
+        - output: scalar, or :math:`(B,)` with ``reduction='none'``.
+
     Example:
-        >>> PairwiseLoss(patch_size=2)
+        >>> _ = torch.manual_seed(0)
+        >>> criterion = PairwiseLoss(patch_size=2)
+        >>> criterion
         PairwiseLoss(patch_size=(2, 2), method='auto', resize='none', eps=1e-08, reduction='mean')
+        >>> round(criterion(torch.randn(2, 4, 8, 8), torch.randn(2, 16, 8, 8)).item(), 4)
+        0.0474
     """
 
     def __init__(self, patch_size: PatchSize = None,
-                 method: Literal["auto", "dense", "linear"] = "auto",
+                 method: Method = "auto",
                  resize: Resize = "none", eps: float = 1e-8,
                  reduction: Reduction = "mean") -> None:
         super().__init__()
         self.patch_size = _check_options(patch_size, method, resize, eps, reduction)
-        self.method: Literal["auto", "dense", "linear"] = method
+        self.method: Method = method
         self.resize: Resize = resize
         self.eps = eps
         self.reduction: Reduction = reduction
