@@ -14,6 +14,7 @@ from segdistill.demo.data import NUM_CLASSES, make_digit_scenes
 from segdistill.demo.run import (
     METHODS,
     DemoConfig,
+    _variants,
     format_scales,
     format_table,
     loss_scales,
@@ -64,17 +65,29 @@ def test_every_method_runs_end_to_end(tmp_path):
 def test_command_line(tmp_path, capsys):
     code = main(["--steps", "2", "--teacher-steps", "2", "--translator-steps", "2",
                  "--train-scenes", "16", "--val-scenes", "4", "--batch-size", "4",
-                 "--methods", "student", "adaptation", "--beta", "3",
+                 "--methods", "student", "adaptation", "--beta", "3", "0.5",
                  "--no-figure", "--out", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
     assert "| teacher | 1 |" in out and "| student | 1 |" in out
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["config"]["batch_size"] == 4 and saved["config"]["adaptation_weight"] == 3
+    assert saved["config"]["batch_size"] == 4 and saved["config"]["adaptation_weights"] == [3, 0.5]
+    assert [(r["method"], r["weights"]["beta"]) for r in saved["rows"][2:]] == [
+        ("adaptation (beta=3)", 3), ("adaptation (beta=0.5)", 0.5)]
     summary = (tmp_path / "summary.md").read_text()
-    assert "beta = 3, gamma = 1" in summary
-    assert "| adaptation | adaptation |" in summary  # the loss-scale table
+    assert "beta = 3, 0.5, gamma = 1" in summary
+    assert "| adaptation (beta=3) | adaptation |" in summary  # the loss-scale table
     assert "| student | loss |" not in summary  # plain students have no distillation terms
+
+
+def test_weight_variants_label_only_the_swept_weights():
+    config = DemoConfig(adaptation_weights=(50.0,), affinity_weights=(1.0, 10.0))
+    assert _variants("adaptation", config) == [("adaptation", 50.0, 0.0)]
+    assert _variants("affinity", config) == [("affinity (gamma=1)", 0.0, 1.0),
+                                             ("affinity (gamma=10)", 0.0, 10.0)]
+    assert [v[0] for v in _variants("adaptation+affinity", config)] == [
+        "adaptation+affinity (gamma=1)", "adaptation+affinity (gamma=10)"]
+    assert _variants("kd_T2", config) == [("kd_T2", 0.0, 0.0)]
 
 
 def test_loss_scales_average_the_first_and_last_steps():

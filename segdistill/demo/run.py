@@ -48,8 +48,8 @@ class DemoConfig:
     translator_steps: int = 300
     lr: float = 0.05
     weight_decay: float = 4e-5
-    adaptation_weight: float = 50.0
-    affinity_weight: float = 1.0
+    adaptation_weights: Sequence[float] = (50.0,)
+    affinity_weights: Sequence[float] = (1.0,)
     methods: Sequence[str] = ("student", "adaptation+affinity")
     seeds: Sequence[int] = (0,)
     out_dir: str = "demo_out"
@@ -79,9 +79,31 @@ def evaluate(model: nn.Module, data: DigitScenes, batch_size: int = 100) -> Conf
     return cm
 
 
+def _variants(method: str, config: DemoConfig) -> list[tuple[str, float, float]]:
+    """(row label, beta, gamma) for each weight setting ``method`` runs with.
+
+    The paper's terms run once per weight given for them (``adaptation`` per beta,
+    ``affinity`` per gamma, both per pair); the label names the weights where
+    more than one was given. Other methods run once, with no weights.
+    """
+    betas, gammas = tuple(config.adaptation_weights), tuple(config.affinity_weights)
+    grids = {"adaptation": [(b, 0.0) for b in betas], "affinity": [(0.0, g) for g in gammas],
+             "adaptation+affinity": [(b, g) for b in betas for g in gammas]}
+    if method not in grids:
+        return [(method, 0.0, 0.0)]
+    out = []
+    for beta, gamma in grids[method]:
+        parts = ([f"beta={beta:g}"] if "adaptation" in method and len(betas) > 1 else []) + (
+            [f"gamma={gamma:g}"] if "affinity" in method and len(gammas) > 1 else [])
+        out.append((f"{method} ({', '.join(parts)})" if parts else method, beta, gamma))
+    return out
+
+
 def _make_wrapper(method: str, teacher: nn.Module, student: nn.Module,
-                  translator: Translator, config: DemoConfig) -> DistillationWrapper | None:
-    """The wrapper for one ablation method, built as a user would build it."""
+                  translator: Translator, beta: float = 0.0,
+                  gamma: float = 0.0) -> DistillationWrapper | None:
+    """The wrapper for one ablation method, built as a user would build it; ``beta``
+    and ``gamma`` weigh the paper's terms where ``method`` uses them."""
     if method == "student":
         return None
     if method.startswith("kd_T"):
@@ -92,16 +114,13 @@ def _make_wrapper(method: str, teacher: nn.Module, student: nn.Module,
             teacher, student, teacher_layer=models.TEACHER_FEATURES,
             student_layer=models.STUDENT_FEATURES, student_channels=48, teacher_channels=64,
         )
-    beta, gamma = config.adaptation_weight, config.affinity_weight
-    weights = {"adaptation": (beta, 0.0), "affinity": (0.0, gamma),
-               "adaptation+affinity": (beta, gamma)}
-    if method not in weights:
+    if method not in ("adaptation", "affinity", "adaptation+affinity"):
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    adaptation, affinity = weights[method]
     return DistillationWrapper.knowledge_adaptation(
         teacher, student, teacher_layer=models.TEACHER_FEATURES,
         student_layer=models.STUDENT_FEATURES, translator=translator, student_channels=48,
-        adaptation_weight=adaptation, affinity_weight=affinity,
+        adaptation_weight=beta if "adaptation" in method else 0.0,
+        affinity_weight=gamma if "affinity" in method else 0.0,
     )
 
 
@@ -140,19 +159,21 @@ def run(config: DemoConfig) -> dict[str, Any]:
 
     trained: dict[tuple[str, int], nn.Module] = {}
     for seed in config.seeds:
-        for method in config.methods:
+        for method, label, beta, gamma in ((m, *v) for m in config.methods
+                                           for v in _variants(m, config)):
             torch.manual_seed(seed)
             student = models.student()
-            wrapper = _make_wrapper(method, teacher, student, stage1.translator, config)
+            wrapper = _make_wrapper(method, teacher, student, stage1.translator, beta, gamma)
             history = train_segmenter(wrapper or student, train, config.student_steps, config,
                                       seed=seed)
             if wrapper is not None:
                 wrapper.remove_hooks()
             cm = evaluate(student, val)
-            row = _row(method, seed, cm, student, example)
+            row = _row(label, seed, cm, student, example)
+            row["weights"] = {"beta": beta, "gamma": gamma}
             row["terms_start"], row["terms_end"] = loss_scales(history)
             results["rows"].append(row)
-            trained[(method, seed)] = student
+            trained[(label, seed)] = student
     results["seconds"] = time.perf_counter() - t0
     results["summary"] = summarize(results["rows"])
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -160,7 +181,7 @@ def run(config: DemoConfig) -> dict[str, Any]:
         from segdistill.demo.figure import save_figure
 
         first = config.seeds[0]
-        students = {m: trained[(m, first)] for m in config.methods}
+        students = {m: model for (m, seed), model in trained.items() if seed == first}
         results["figure"] = str(save_figure(out_dir / "demo.png", val, teacher, students,
                                             stage1.translator))
     return results
@@ -261,8 +282,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-scenes", type=int, help="training scenes (default 2000)")
     parser.add_argument("--val-scenes", type=int, help="validation scenes (default 500)")
     parser.add_argument("--batch-size", type=int, help="batch size (default 32)")
-    parser.add_argument("--beta", type=float, help="adaptation weight (default 50, the paper's)")
-    parser.add_argument("--gamma", type=float, help="affinity weight (default 1, the paper's)")
+    parser.add_argument("--beta", type=float, nargs="+",
+                        help="adaptation weight (default 50, the paper's); several values "
+                        "run the adaptation methods once per value")
+    parser.add_argument("--gamma", type=float, nargs="+",
+                        help="affinity weight (default 1, the paper's); several values "
+                        "run the affinity methods once per value")
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     parser.add_argument("--no-figure", action="store_true", help="skip the PNG")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -281,17 +306,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train_scenes": lambda v: setattr(config, "train_scenes", v),
         "val_scenes": lambda v: setattr(config, "val_scenes", v),
         "batch_size": lambda v: setattr(config, "batch_size", v),
-        "beta": lambda v: setattr(config, "adaptation_weight", v),
-        "gamma": lambda v: setattr(config, "affinity_weight", v),
+        "beta": lambda v: setattr(config, "adaptation_weights", tuple(v)),
+        "gamma": lambda v: setattr(config, "affinity_weights", tuple(v)),
     }
     for name, apply in overrides.items():
         value = getattr(args, name)
         if value is not None:
             apply(value)
 
+    weights = (f"beta = {', '.join(f'{b:g}' for b in config.adaptation_weights)}, "
+               f"gamma = {', '.join(f'{g:g}' for g in config.affinity_weights)}")
     print(f"segdistill demo: {', '.join(config.methods)}; seeds {list(config.seeds)}; "
-          f"{config.student_steps} student steps; beta={config.adaptation_weight:g}, "
-          f"gamma={config.affinity_weight:g}; output in {config.out_dir}/", flush=True)
+          f"{config.student_steps} student steps; {weights}; output in {config.out_dir}/",
+          flush=True)
     results = run(config)
     m = results["machine"]
     command = "python -m segdistill.demo " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -306,8 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scales = f"\nWeighted loss terms, mean over seeds:\n\n{scales}\n"
     (Path(config.out_dir) / "summary.md").write_text(
         f"{table}\n\nCommand: `{command.strip()}`  \nMachine: {footer}  \n"
-        f"beta = {config.adaptation_weight:g}, gamma = {config.affinity_weight:g}, "
-        f"{config.student_steps} student steps, seeds {list(config.seeds)}\n{scales}"
+        f"{weights}, {config.student_steps} student steps, seeds {list(config.seeds)}\n{scales}"
     )
     if "figure" in results:
         print(f"figure: {results['figure']}")

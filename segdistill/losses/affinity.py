@@ -161,33 +161,23 @@ class _LinearRowNorms(torch.autograd.Function):
     with :math:`W = \mathrm{diag}(w)` and :math:`Y_s = S\Delta = G_{ss} S - G_{st} T`,
     which the forward pass computes anyway; the teacher's gradient is the same
     with the roles swapped. That is four C x C x N products where autograd
-    would take six. First-order only (no double backward).
+    would take six. With ``create_graph=True`` the backward pass recomputes
+    its inputs from S and T, so second derivatives are exact too.
     """
 
     @staticmethod
     def forward(ctx: Any, s: Tensor, t: Tensor) -> Tensor:
-        g_ss = s @ s.mT
-        g_st = s @ t.mT
-        p_ss = g_ss @ s  # G_ss s_i for every i
-        p_st = g_st @ t  # G_st t_i
-        q_tt = (t @ t.mT) @ t  # G_tt t_i
-        a = (p_ss * s).sum(1)
-        c = (q_tt * t).sum(1)
-        y_s = p_ss - p_st  # S Delta
-        r = (y_s * s).sum(1) - (p_st * s).sum(1) + c
-        # Rows whose value is rounding noise of the cancelling terms a + c count as 0.
-        keep = r > _CANCELLATION_ULPS * torch.finfo(r.dtype).eps * (a + c)
-        rows = torch.where(keep, r.clamp_min(0.0).sqrt(), torch.zeros_like(r))
-        y_t = None
-        if ctx.needs_input_grad[1]:
-            y_t = q_tt - g_st.mT @ s  # T (-Delta)
+        rows, keep, y_s, y_t = _linear_row_terms(s, t, with_y_t=ctx.needs_input_grad[1])
         ctx.save_for_backward(s, t, y_s, y_t, rows, keep)
         return rows
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, Tensor | None]:
         s, t, y_s, y_t, rows, keep = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: recompute what the forward saved, so that the
+            # graph of this backward pass reaches s and t (exact double backward).
+            rows, keep, y_s, y_t = _linear_row_terms(s, t, with_y_t=ctx.needs_input_grad[1])
         # dL/dr_i = g_i / (2 d_i), zero where the row counted as zero
         w = torch.where(keep, grad_rows / torch.where(keep, 2 * rows, torch.ones_like(rows)),
                         torch.zeros_like(rows)).unsqueeze(1)
@@ -195,12 +185,35 @@ class _LinearRowNorms(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             sw = s * w
             grad_s = torch.baddbmm(y_s * w, sw @ s.mT, s)
-            grad_s = torch.baddbmm(grad_s, sw @ t.mT, t, alpha=-1.0).mul_(2.0)
+            grad_s = 2.0 * torch.baddbmm(grad_s, sw @ t.mT, t, alpha=-1.0)
         if ctx.needs_input_grad[1]:
             tw = t * w
             grad_t = torch.baddbmm(y_t * w, tw @ t.mT, t)
-            grad_t = torch.baddbmm(grad_t, tw @ s.mT, s, alpha=-1.0).mul_(2.0)
+            grad_t = 2.0 * torch.baddbmm(grad_t, tw @ s.mT, s, alpha=-1.0)
         return grad_s, grad_t
+
+
+def _linear_row_terms(s: Tensor, t: Tensor, with_y_t: bool
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Row norms, the mask of rows above rounding noise, :math:`S\\Delta` and
+    (if asked) :math:`-T\\Delta`, from six C x C x N products at most."""
+    g_ss = s @ s.mT
+    g_st = s @ t.mT
+    p_ss = g_ss @ s  # G_ss s_i for every i
+    p_st = g_st @ t  # G_st t_i
+    q_tt = (t @ t.mT) @ t  # G_tt t_i
+    with torch.no_grad():  # the size of the cancelling terms a_i + c_i
+        a = (p_ss * s).sum(1)
+    c = (q_tt * t).sum(1)
+    y_s = p_ss - p_st  # S Delta
+    r = (y_s * s).sum(1) - (p_st * s).sum(1) + c
+    # Rows whose value is rounding noise of the cancelling terms count as 0.
+    keep = r.detach() > _CANCELLATION_ULPS * torch.finfo(r.dtype).eps * (a + c.detach())
+    # Double where: the square root never sees a non-positive argument.
+    rows = torch.where(keep, torch.where(keep, r, torch.ones_like(r)).sqrt(),
+                       torch.zeros_like(r))
+    y_t = q_tt - g_st.mT @ s if with_y_t else None  # T (-Delta)
+    return rows, keep, y_s, y_t
 
 
 def _row_distances_dense(s: Tensor, t: Tensor, distance: str, chunk_size: int | None) -> Tensor:
