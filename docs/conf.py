@@ -26,7 +26,7 @@ extensions = [
     "myst_parser",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "**/summary.md"]
+exclude_patterns = ["_build", "**/summary.md", "ablation/README.md", "benchmarks/*.md"]
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"

@@ -103,3 +103,16 @@ def test_loss_scales_average_the_first_and_last_steps():
     table = format_scales(rows)
     assert "| kd_T2 | kd | 2 | 16 |" in table and "student" not in table
     assert format_scales(rows[1:]) == ""
+
+
+def test_ablation_flag_uses_the_papers_weights_and_the_plain_demo_rebalanced_ones(tmp_path):
+    tiny = ["--steps", "1", "--teacher-steps", "1", "--translator-steps", "1",
+            "--train-scenes", "8", "--val-scenes", "2", "--batch-size", "4", "--seeds", "0",
+            "--methods", "adaptation+affinity", "--no-figure"]
+    assert main([*tiny, "--ablation", "--out", str(tmp_path / "a")]) == 0
+    assert main([*tiny, "--out", str(tmp_path / "b")]) == 0
+    assert main([*tiny, "--ablation", "--beta", "2", "--out", str(tmp_path / "c")]) == 0
+    weights = [json.loads((tmp_path / d / "results.json").read_text())["rows"][1]["weights"]
+               for d in "abc"]
+    assert weights == [{"beta": 50.0, "gamma": 1.0}, {"beta": 0.5, "gamma": 1.0},
+                       {"beta": 2.0, "gamma": 1.0}]
