@@ -8,6 +8,11 @@ teacher, as in distillation):
 - ``dense``: the library's dense method, which materialises the N x N affinity
   matrices in row blocks;
 - ``linear``: the exact algorithm that only builds C x C Gram matrices;
+- ``fused`` (only with ``--fused``, ``affinity`` with ``l2``): the one-Gram form
+  of DESIGN section 2, written here and not in the library: with U = [S; T] and
+  W = [S; -T], each row's squared distance is w_i' (U U') w_i, two batched
+  matmuls and a column-wise dot product, autograd for the backward pass. Its
+  value is checked against the library's before it is timed;
 - ``dense_full`` (only with ``--dense-full``): the dense method with one block
   of all N rows, i.e. the whole N x N matrices at once, as eqs. (3)-(4) read.
 
@@ -100,6 +105,18 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def fused_affinity_loss(student: torch.Tensor, teacher: torch.Tensor,
+                        eps: float = 1e-8) -> torch.Tensor:
+    """The affinity loss (row-wise L2, mean) from one Gram of the stacked features."""
+    s = torch.nn.functional.normalize(student.flatten(2), dim=1, eps=eps)
+    t = torch.nn.functional.normalize(teacher.flatten(2), dim=1, eps=eps)
+    u = torch.cat([s, t], dim=1)  # (B, C_s + C_t, N)
+    w = torch.cat([s, -t], dim=1)
+    r = ((u @ u.mT) @ w * w).sum(1)  # N^2 ||A^s_i - A^t_i||^2
+    rows = r.clamp_min(torch.finfo(r.dtype).tiny).sqrt()
+    return (rows / s.shape[-1]).mean()
+
+
 def _make_step(case: Case) -> Callable[[], None]:
     """Build the inputs and return one forward + backward pass over them."""
     from segdistill import affinity_loss, pairwise_loss
@@ -112,8 +129,16 @@ def _make_step(case: Case) -> Callable[[], None]:
     if method == "dense_full":
         method, chunk = "dense", case.n
 
+    if method == "fused":
+        with torch.no_grad():
+            torch.testing.assert_close(fused_affinity_loss(student, teacher),
+                                       affinity_loss(student, teacher, method="linear"),
+                                       rtol=1e-4, atol=1e-6)
+
     def step() -> None:
-        if case.loss == "pairwise":
+        if method == "fused":
+            loss = fused_affinity_loss(student, teacher)
+        elif case.loss == "pairwise":
             loss = pairwise_loss(student, teacher, method=method)
         else:
             loss = affinity_loss(
@@ -244,6 +269,8 @@ def selected_cases(args: argparse.Namespace) -> list[tuple[int, int, int, int, t
     cases = [c for c in CASES if sizes is None or f"{c[2]}x{c[3]}" in sizes]
     if args.dense_full:
         cases = [(*c[:4], ("dense_full", *c[4]) if "dense" in c[4] else c[4]) for c in cases]
+    if args.fused:
+        cases = [(*c[:4], (*c[4], "fused")) for c in cases]
     return cases
 
 
@@ -331,6 +358,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time dense with the whole N x N matrices at once",
     )
     parser.add_argument(
+        "--fused",
+        action="store_true",
+        help="also time the one-Gram form (affinity loss, l2 distance only)",
+    )
+    parser.add_argument(
         "--timeout-s",
         type=float,
         default=3600.0,
@@ -340,7 +372,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--markdown", metavar="PATH", help="also write the table here")
     parser.add_argument("--plot", metavar="PATH", help="also plot time and memory (PNG)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.fused and (args.loss != "affinity" or args.distance != "l2"):
+        parser.error("--fused times the affinity loss with the l2 distance only")
+    return args
 
 
 def main() -> None:

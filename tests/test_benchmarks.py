@@ -1,0 +1,58 @@
+"""The benchmark scripts run, and the one-Gram form they time equals the library's loss."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from segdistill import affinity_loss
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("shape_s, shape_t",
+                         [((2, 5, 4, 6), (2, 3, 4, 6)), ((1, 8, 1, 7), (1, 8, 1, 7))])
+def test_fused_form_equals_the_affinity_loss_values_and_gradients(shape_s, shape_t):
+    fused = _load("affinity").fused_affinity_loss
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(shape_s, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(shape_t, generator=g, dtype=torch.float64, requires_grad=True)
+    got, want = fused(s, t), affinity_loss(s, t, method="dense")
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (s, t)), torch.autograd.grad(want, (s, t))):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_affinity_benchmark_quick_run_writes_its_tables(tmp_path):
+    out = tmp_path / "r.json"
+    md = tmp_path / "t.md"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "affinity.py"), "--quick", "--fused", "--repeats", "1",
+         "--json", str(out), "--markdown", str(md)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert {r["method"] for r in rows} == {"dense", "linear", "fused"}
+    assert all(r["status"] == "ok" and r["seconds"] > 0 for r in rows)
+    assert "| 4, 256, 32x32 | 1,024 | fused |" in md.read_text()
+
+
+def test_fused_flag_is_refused_for_other_losses():
+    with pytest.raises(SystemExit):
+        _load("affinity").parse_args(["--fused", "--loss", "pairwise"])
