@@ -16,7 +16,12 @@ teacher, as in distillation):
 - ``dense_full`` (only with ``--dense-full``): the dense method with one block
   of all N rows, i.e. the whole N x N matrices at once, as eqs. (3)-(4) read.
 
-Time is the median of ``--repeats`` passes after one warm-up pass. Every
+Time is the median of ``--repeats`` passes after one warm-up pass. Beside each
+``linear`` row the worker also times, in the same process, the C x C x N matrix
+products that the library's linear path runs for that case (forward and
+backward, teacher frozen) as bare ``torch.bmm`` calls: that is the
+"matmul bound", the time the loss would take if everything but the products
+were free, and the table gives the loss's time over it. Every
 (case, method) runs in a fresh subprocess, so that its peak memory is its own:
 on the CPU, "peak extra memory" is the rise of the process's peak resident set
 size over the resident set size once the inputs exist; on CUDA it is
@@ -156,8 +161,52 @@ def _sync(cuda: bool) -> None:
         torch.cuda.synchronize()
 
 
+def matmul_products(case: Case) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The operand shapes of the batched products the linear path runs for ``case``.
+
+    Equal channel counts C, teacher frozen. Row-wise L2 (``segdistill.losses._gram``):
+    three C x C Grams (T T', T E', E E'), the stacked 2C x 2C Gram applied to
+    [E; S], and in the backward pass (S Gamma) [T; E]' and its product with [E; S]:
+    11 C^2 N multiply-adds. Squared Frobenius (the pair-wise loss): three Grams
+    and two backward products, 5 C^2 N.
+    """
+    b, c, n = case.batch, case.channels, case.n
+    gram = ((b, c, n), (b, n, c))
+    if case.loss == "affinity" and case.distance == "l2":
+        return [gram] * 3 + [((b, 2 * c, 2 * c), (b, 2 * c, n)),
+                             ((b, c, n), (b, n, 2 * c)), ((b, c, 2 * c), (b, 2 * c, n))]
+    return [gram] * 3 + [((b, c, c), (b, c, n))] * 2
+
+
+def _timed(fn: Callable[[], None], cuda: bool) -> float:
+    start = time.perf_counter()
+    fn()
+    _sync(cuda)
+    return time.perf_counter() - start
+
+
+def matmul_bound(case: Case, step: Callable[[], None]) -> dict[str, float]:
+    """Time :func:`matmul_products` as bare ``bmm`` calls, alternating with ``step``
+    (the loss) so that both see the same machine load; medians of each and of
+    the per-pair ratios."""
+    cuda = case.device.startswith("cuda")
+    operands = [(torch.randn(a, device=case.device), torch.randn(b, device=case.device))
+                for a, b in matmul_products(case)]
+
+    def products() -> None:
+        for a, b in operands:
+            torch.bmm(a, b)
+
+    products()
+    pairs = [(_timed(step, cuda), _timed(products, cuda)) for _ in range(case.repeats)]
+    return {"seconds": statistics.median(p[0] for p in pairs),
+            "bound_seconds": statistics.median(p[1] for p in pairs),
+            "bound_ratio": statistics.median(p[0] / p[1] for p in pairs)}
+
+
 def measure(case: Case) -> dict[str, float]:
-    """Time and peak extra memory of forward + backward for one case, in this process."""
+    """Time and peak extra memory of forward + backward for one case, in this process;
+    for the linear method also its matmul bound."""
     cuda = case.device.startswith("cuda")
     step = _make_step(case)
     _sync(cuda)
@@ -175,7 +224,10 @@ def measure(case: Case) -> dict[str, float]:
         _sync(cuda)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
-    return {"seconds": statistics.median(times), "peak_extra_bytes": max(peak - base, 0)}
+    result = {"seconds": statistics.median(times), "peak_extra_bytes": max(peak - base, 0)}
+    if case.method == "linear":  # after the peak: its operands are not the loss's memory
+        result.update(matmul_bound(case, step))
+    return result
 
 
 # ---------------------------------------------------------------- driver side
@@ -254,13 +306,18 @@ def table_row(case: Case, result: dict[str, Any], linear: dict[str, Any] | None)
     else:
         cells = f"{result['status']} | "
     speed, ratio = _ratios(result, linear) if case.method != "linear" else ("", "")
-    return f"| {case.label} | {case.n:,} | {case.method} | {cells} | {speed} | {ratio} |"
+    bound = " | "
+    if result["status"] == "ok" and "bound_seconds" in result:
+        bound = f"{result['bound_seconds']:.3f} | {result['bound_ratio']:.2f}"
+    return (f"| {case.label} | {case.n:,} | {case.method} | {cells} | {bound} | {speed} "
+            f"| {ratio} |")
 
 
 TABLE_HEAD = (
     "| case (B, C, HxW) | N | method | time fwd+bwd (s) | peak extra memory (MB) "
-    "| speed-up of linear vs this (x) | memory ratio (this / linear) |\n"
-    "|---|---:|---|---:|---:|---:|---:|"
+    "| matmul bound (s) | time / bound | speed-up of linear vs this (x) "
+    "| memory ratio (this / linear) |\n"
+    "|---|---:|---|---:|---:|---:|---:|---:|---:|"
 )
 
 

@@ -22,11 +22,12 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax bundled into _static/: formulas render offline
     "sphinx.ext.viewcode",
     "myst_parser",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "**/summary.md", "ablation/README.md", "benchmarks/*.md"]
+exclude_patterns = ["_build", "**/summary.md", "ablation/README.md", "ablation/main_job/*", "benchmarks/*.md"]
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
@@ -42,6 +43,6 @@ intersphinx_mapping = {
     "torch": ("https://docs.pytorch.org/docs/stable/", str(write_inventory(HERE / "_build"))),
 }
 
-html_theme = "alabaster"
+html_theme = "furo"
 html_static_path: list[str] = []
 html_title = f"segdistill {release}"

@@ -29,10 +29,9 @@ from segdistill.losses import (
     pairwise_loss,
     reconstruction_loss,
 )
-from segdistill.metrics import ConfusionMatrix
-from segdistill.profiling import count_flops, count_parameters, measure_throughput
 from segdistill.translator import Translator, TranslatorOutput
 from segdistill.translator_training import TranslatorTraining, train_translator
+from segdistill.visualize import pixel_affinity
 from segdistill.wrapper import DistillationOutput, DistillationTerm, DistillationWrapper
 
 __version__ = "0.1.0"
@@ -43,7 +42,6 @@ __all__ = [
     "AffinityLoss",
     "AttentionTransferLoss",
     "CWDLoss",
-    "ConfusionMatrix",
     "DistillationOutput",
     "DistillationTerm",
     "DistillationWrapper",
@@ -61,14 +59,12 @@ __all__ = [
     "affinity_matrix",
     "attention_map",
     "attention_transfer_loss",
-    "count_flops",
-    "count_parameters",
     "cwd_loss",
     "fitnet_loss",
     "kd_loss",
     "load_checkpoint",
-    "measure_throughput",
     "pairwise_loss",
+    "pixel_affinity",
     "reconstruction_loss",
     "save_checkpoint",
     "train_translator",

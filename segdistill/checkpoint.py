@@ -48,11 +48,21 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
 def load_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu"
 ) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: if there is no file at ``path``.
+        RuntimeError: if the file is truncated or not a checkpoint (the message names it).
+        ValueError: if it holds something other than a dict.
+    """
     target = Path(path)
     if not target.is_file():
         raise FileNotFoundError(f"no checkpoint at {target}")
-    state = torch.load(target, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(target, map_location=map_location, weights_only=True)
+    except Exception as error:  # EOFError, UnpicklingError, RuntimeError, ... without the path
+        raise RuntimeError(f"cannot read the checkpoint {target} ({type(error).__name__}: "
+                           f"{error}); it is truncated or corrupt") from error
     if not isinstance(state, dict):
         raise ValueError(f"{target} does not hold a checkpoint dict")
     return state

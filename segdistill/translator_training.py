@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from typing import Any, NamedTuple
 
 import torch
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from segdistill._checks import check_positive_int, check_real
 from segdistill.checkpoint import load_checkpoint, save_checkpoint
-from segdistill.hooks import FeatureHooks, select_output
+from segdistill.hooks import FeatureHooks, select_output, take_feature
 from segdistill.losses.reconstruction import reconstruction_loss
 from segdistill.translator import Translator
 
@@ -74,8 +74,9 @@ def train_translator(
         teacher: the trained teacher.
         loader: yields batches: an image tensor, a tuple/list whose first
             element is the images, or a mapping (see ``input_key``).
-        feature_layer: dotted path of the teacher's module whose output is
-            :math:`\phi_t`.
+        feature_layer: layer path of the teacher's module whose output is
+            :math:`\phi_t`, with a selector for a structured output
+            (``'encoder[-1]'``, see :class:`~segdistill.FeatureHooks`).
         translator: the translator to train; by default a new one with the
             feature map's channels, made on the first batch.
         epochs: passes over ``loader``.
@@ -181,7 +182,7 @@ def train_translator(
         total = epochs * len(loader)
         if max_steps is not None:
             total = min(total, max_steps)
-    hooks = FeatureHooks(teacher, {"features": feature_layer})
+    hooks = FeatureHooks(teacher, {"features": feature_layer}, "teacher")
     seen = 0
     try:
         for batch in _progress(_batches(loader, epochs), progress, total):
@@ -190,7 +191,7 @@ def train_translator(
                 continue
             if max_steps is not None and step >= max_steps:
                 break
-            features = _teacher_features(teacher, hooks, batch, input_key, device, feature_layer)
+            features = _teacher_features(teacher, hooks, batch, input_key, device)
             if translator is None:
                 translator = Translator(features.shape[1], latent_channels)
                 optimizer = make_optimizer(translator)
@@ -220,19 +221,10 @@ def _teacher_features(
     batch: Any,
     input_key: str | int | None,
     device: torch.device,
-    feature_layer: str,
 ) -> Tensor:
-    if isinstance(batch, dict) and input_key is None:
-        input_key = "image"
-    images = select_output(batch, input_key, "the batch")
+    if input_key is None:
+        input_key = "image" if isinstance(batch, Mapping) else 0
+    images = batch if isinstance(batch, Tensor) else select_output(batch, input_key, "the batch")
     with torch.no_grad():
         teacher(images.to(device, non_blocking=True))
-    captured = hooks.pop().get("features")
-    what = f"the teacher's feature at {feature_layer!r}"
-    if captured is None:
-        raise RuntimeError(f"{what} was not captured: the teacher's forward did not run it")
-    features = select_output(captured, None, what)
-    if features.ndim != 4:
-        raise ValueError(f"expected {what} to be a 4-D (B, C, H, W) tensor, got shape "
-                         f"{tuple(features.shape)}")
-    return features
+    return take_feature(hooks.pop(), "features", hooks.what("features"))

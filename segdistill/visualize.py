@@ -1,118 +1,58 @@
-"""Figures: predictions side by side, and the affinity map of one pixel (the paper's Fig. 3).
+"""The affinity map of one pixel, for pictures (the paper's Figure 3).
 
-Needs matplotlib (the ``demo`` extra).
+The maths only: it returns a tensor; drawing it is the caller's business (the
+reference pipeline's ``examples/segmentation/figures.py`` uses matplotlib).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from segdistill.losses.affinity import affinity_matrix
+from segdistill._checks import check_positive_int
 
-__all__ = ["label_palette", "pixel_affinity", "save_prediction_grid"]
-
-
-def label_palette(num_classes: int, ignore_index: int | None = 255) -> np.ndarray:
-    """RGB colours in [0, 1] for labels ``0..num_classes-1`` (class 0 black); the ignore
-    label, when given and below 256, is white. Returns a (256, 3) array."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab20"]
-    colours = np.ones((256, 3))
-    colours[0] = 0.0
-    for k in range(1, num_classes):
-        colours[k] = cmap((k - 1) % 20)[:3]
-    if ignore_index is not None and 0 <= ignore_index < 256:
-        colours[ignore_index] = 1.0
-    return colours
+__all__ = ["pixel_affinity"]
 
 
-def pixel_affinity(features: Tensor, pixel: tuple[int, int], image_size: Sequence[int]
-                   ) -> np.ndarray:
-    """Cosine similarity of the feature cell under ``pixel`` with every cell of the map.
+def pixel_affinity(features: Tensor, pixel: tuple[int, int], image_size: Sequence[int]) -> Tensor:
+    r"""Cosine similarity of the feature cell under ``pixel`` with every cell of the map.
+
+    One row of the affinity matrix of eq. (3) times :math:`N`, reshaped to the
+    feature grid: :math:`N A_{i\cdot}` for the cell :math:`i` that holds the
+    image pixel ``pixel``. The paper's Figure 3 draws these maps for the
+    teacher's translated features and the student's adapted ones. Only that
+    row is computed (O(N C)), never the N x N matrix of
+    :func:`~segdistill.affinity_matrix`, so it runs on full-resolution maps.
 
     Args:
-        features: (1, C, h, w), one image's feature map.
+        features: (1, C, h, w), one image's feature map (further images are ignored).
         pixel: (row, column) in the image.
         image_size: the image's (H, W), to find the cell under ``pixel``.
 
     Returns:
-        (h, w) cosines in [-1, 1]: one row of the affinity matrix (eq. 3), times N.
+        (h, w) cosines in [-1, 1], detached, on the features' device.
+
+    Raises:
+        ValueError: ``features`` is not 4-D, or ``pixel`` lies outside ``image_size``.
+
+    Example:
+        >>> features = torch.zeros(1, 2, 2, 2)
+        >>> features[0, 0, :, 0] = 1.0  # left column: channel 0
+        >>> features[0, 1, :, 1] = 1.0  # right column: channel 1
+        >>> pixel_affinity(features, (0, 0), (4, 4))
+        tensor([[1., 0.],
+                [1., 0.]])
     """
+    if features.dim() != 4:
+        raise ValueError(f"expected features of shape (1, C, h, w), got {tuple(features.shape)}")
+    height, width = (check_positive_int("image_size", int(s)) for s in image_size)
+    if not (0 <= pixel[0] < height and 0 <= pixel[1] < width):
+        raise ValueError(f"pixel {tuple(pixel)} lies outside an image of size {(height, width)}")
     _, _, h, w = features.shape
-    row = min(pixel[0] * h // image_size[0], h - 1)
-    col = min(pixel[1] * w // image_size[1], w - 1)
+    row, col = pixel[0] * h // height, pixel[1] * w // width
     with torch.no_grad():
-        a = affinity_matrix(features[:1].detach())[0, row * w + col] * (h * w)
-    return a.reshape(h, w).cpu().numpy()
-
-
-def save_prediction_grid(
-    path: str | Path,
-    images: Sequence[np.ndarray],
-    labels: Sequence[np.ndarray],
-    predictions: Mapping[str, Sequence[np.ndarray]],
-    palette: np.ndarray,
-    affinities: Mapping[str, Sequence[np.ndarray]] | None = None,
-    pixels: Sequence[tuple[int, int]] | None = None,
-    title: str = "",
-) -> Path:
-    """Write a PNG with one row per image: image, ground truth, each prediction, and each
-    affinity map (with the chosen pixel marked).
-
-    Args:
-        path: the PNG to write.
-        images: (H, W) grey or (H, W, 3) RGB arrays in [0, 1].
-        labels: (H, W) integer label maps.
-        predictions: name -> one (H, W) label map per image.
-        palette: (256, 3) colours, e.g. from :func:`label_palette`.
-        affinities: name -> one (h, w) cosine map per image (see :func:`pixel_affinity`).
-        pixels: the (row, column) each affinity map is about, per image.
-        title: the figure's title.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError("figures need matplotlib: pip install 'segdistill[demo]'") from error
-    affinities = affinities or {}
-    rows = len(images)
-    ncols = 2 + len(predictions) + len(affinities)
-    fig, axes = plt.subplots(rows, ncols, figsize=(1.7 * ncols, 1.8 * rows), squeeze=False)
-    for i in range(rows):
-        panels: list[tuple[str, np.ndarray, str | None]] = [
-            ("image", images[i], "gray" if images[i].ndim == 2 else None),
-            ("ground truth", palette[labels[i]], None),
-        ]
-        panels += [(name, palette[maps[i]], None) for name, maps in predictions.items()]
-        panels += [(f"affinity: {name}", maps[i], "magma") for name, maps in affinities.items()]
-        for j, (name, image, cmap) in enumerate(panels):
-            ax = axes[i, j]
-            if cmap == "magma":
-                ax.imshow(image, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
-                if pixels is not None:
-                    h, w = image.shape
-                    size = labels[i].shape
-                    ax.plot(pixels[i][1] * w / size[1] - 0.5, pixels[i][0] * h / size[0] - 0.5,
-                            "c+", ms=8)
-            else:
-                ax.imshow(image, cmap=cmap, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(name, fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+        unit = F.normalize(features[0].detach().float().flatten(1), dim=0, eps=1e-8)  # (C, N)
+        return (unit[:, row * w + col] @ unit).reshape(h, w)

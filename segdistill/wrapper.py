@@ -7,21 +7,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segdistill._checks import check_choice, check_positive_int, check_real
-from segdistill._features import RESIZE_MODES, Resize
-from segdistill.adapter import Adapter
-from segdistill.hooks import FeatureHooks, select_output
-from segdistill.losses.adaptation import AdaptationLoss
-from segdistill.losses.affinity import AffinityLoss
-from segdistill.losses.attention import AttentionTransferLoss
-from segdistill.losses.cwd import CWDLoss
-from segdistill.losses.fitnet import FitNetLoss
-from segdistill.losses.kd import KDLoss
-from segdistill.losses.pairwise import PairwiseLoss
-from segdistill.translator import Translator
+from segdistill._features import RESIZE_MODES, Resize, align_grids
+from segdistill.hooks import FeatureHooks, OutputSelector, select_output, take_feature, unwrap_model
 
 __all__ = ["OUTPUT", "DistillationOutput", "DistillationTerm", "DistillationWrapper"]
 
@@ -40,53 +30,55 @@ class DistillationOutput(NamedTuple):
     """The sum of :attr:`losses`: add the task loss and call ``backward``."""
 
 
-def _align_grids(
-    student: Tensor, teacher: Tensor, resize: str, term: str
-) -> tuple[Tensor, Tensor]:
-    """Put a student and a teacher map on one H x W grid, by a fixed rule.
-
-    - Equal grids pass through.
-    - With ``resize='student'`` (``'teacher'``) the teacher's (student's) map is
-      resized bilinearly onto the other's grid, whatever the sizes.
-    - Otherwise grids that differ by at most one cell per dimension are taken
-      to differ by stride rounding (a 513 x 513 input gives 65 x 65 at output
-      stride 8 and 33 x 33 at 16; ``ceil(65 / 2) = 33``, but a floor-rounding
-      network gives 32) and the teacher's map is resized onto the student's
-      grid with ``align_corners=True``, which keeps the corner cells aligned.
-    - Any larger difference is a configuration error and raises.
-    """
-    s_size, t_size = tuple(student.shape[-2:]), tuple(teacher.shape[-2:])
-    if s_size == t_size:
-        return student, teacher
-    if resize == "teacher":
-        return F.interpolate(student, size=t_size, mode="bilinear", align_corners=False), teacher
-    if resize == "student":
-        return student, F.interpolate(teacher, size=s_size, mode="bilinear", align_corners=False)
-    if all(abs(s - t) <= 1 for s, t in zip(s_size, t_size, strict=True)):
-        return student, F.interpolate(teacher, size=s_size, mode="bilinear", align_corners=True)
-    ratio = max(t / s for s, t in zip(s_size, t_size, strict=True))
-    raise ValueError(
-        f"term {term!r}: student features on a {s_size[0]} x {s_size[1]} grid but teacher "
-        f"features on {t_size[0]} x {t_size[1]} (about {ratio:.3g}x); grids may differ by one "
-        "cell of stride rounding at most. Hook layers at matching output strides (a stride-2 "
-        "translator encoder maps OS 8 onto OS 16), or pass resize='student' or 'teacher' to "
-        "interpolate"
-    )
+def _check_output_selector(name: str, selector: Any) -> None:
+    if selector is None or callable(selector) or (
+        isinstance(selector, (str, int)) and not isinstance(selector, bool)
+    ):
+        return
+    raise TypeError(f"expected {name} to be None, a key (str), an index (int) or a callable "
+                    f"returning the logits, got {type(selector).__name__}")
 
 
-def _feature(features: Mapping[str, Any], name: str, side: str, key: str | int | None) -> Tensor:
-    """Fetch one captured feature and check that it is a 4-D floating tensor."""
-    what = f"the {side}'s output" if name == OUTPUT else f"the {side}'s feature {name!r}"
-    if name not in features:
-        raise RuntimeError(f"{what} was not captured: did the {side}'s forward run that module?")
-    x = select_output(features[name], key if name == OUTPUT else None, what)
-    if x.ndim != 4:
+def _check_channels(x: Tensor, expected: int | None, term: str, side: str, what: str) -> None:
+    """A term built for ``expected`` channels names the argument that fixes a mismatch."""
+    got = x.shape[1]
+    if expected is None or got == expected:
+        return
+    if side == "student":
+        fix = (f"pass student_channels={got} (or example_input= to read it), or a "
+               f"student_layer with {expected} channels")
+    else:
+        fix = (f"pass the teacher_layer with {expected} channels (a translator works on the "
+               f"layer it was trained on), or teacher_channels={got}")
+    raise ValueError(f"term {term!r}: {what} has {got} channels but the term was built for "
+                     f"{expected}; {fix}")
+
+
+def _check_labels(target: Any, logits: Tensor, ignore_index: int | None, term: str,
+                  resize: str) -> None:
+    """Labels a term masks with: (B, H, W) integers on the logits' grid, in [0, classes)."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"term {term!r}: expected the labels (target) to be a tensor, got "
+                        f"{type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"term {term!r}: expected integer labels, got {target.dtype}")
+    if target.ndim != 3 or target.shape[0] != logits.shape[0]:
+        raise ValueError(f"term {term!r}: expected labels of shape (B, H, W) with B = "
+                         f"{logits.shape[0]}, got shape {tuple(target.shape)}")
+    if target.shape[-2:] != logits.shape[-2:]:
+        h, w = logits.shape[-2:]
         raise ValueError(
-            f"expected {what} to be a 4-D (B, C, H, W) tensor, got shape {tuple(x.shape)}"
+            f"term {term!r}: labels on a {target.shape[-2]} x {target.shape[-1]} grid but the "
+            f"logits they mask are {h} x {w} (after resize={resize!r}); pass labels of that "
+            "size, or resize='student' or resize='teacher' to put the logits on the labels' grid"
         )
-    if not x.is_floating_point():
-        raise TypeError(f"expected {what} to be floating point, got {x.dtype}")
-    return x
+    classes = logits.shape[1]
+    counted = target if ignore_index is None else target[target != ignore_index]
+    if counted.numel() and bool(((counted < 0) | (counted >= classes)).any()):
+        allowed = f"[0, {classes})" + ("" if ignore_index is None
+                                       else f" or ignore_index={ignore_index}")
+        raise ValueError(f"term {term!r}: labels must be in {allowed}, got values from "
+                         f"{int(counted.min())} to {int(counted.max())}")
 
 
 class DistillationTerm(nn.Module):
@@ -94,7 +86,9 @@ class DistillationTerm(nn.Module):
 
     The student's feature passes through ``student_adapter`` (trained with the
     student), the teacher's through ``teacher_transform`` (frozen, run without
-    gradients, e.g. a trained :class:`~segdistill.Translator`'s encoder), then
+    gradients, e.g. a trained :class:`~segdistill.Translator`'s encoder); the
+    two maps are put on one grid by the library's one rule
+    (:func:`~segdistill._features.align_grids`, see ``resize``), then
     ``loss(student, teacher[, target])`` is multiplied by ``weight``.
 
     Args:
@@ -105,14 +99,26 @@ class DistillationTerm(nn.Module):
         weight: the term's weight, at least 0.
         student_adapter: a trainable module applied to the student's feature.
         teacher_transform: a frozen module applied to the teacher's feature.
-        align: put the two maps on one grid first (see ``resize``); terms whose
-            loss resizes by its own definition (KD, FitNet) set this to False.
-        resize: ``'none'`` accepts grids that differ by stride rounding only
-            and raises for a real mismatch; ``'student'`` or ``'teacher'``
-            interpolates one map onto the other's grid.
-        uses_target: pass the labels given to the wrapper on to the loss.
+        resize: ``'none'`` (the default of every preset) aligns grids that
+            differ by one cell of stride rounding and raises for a real
+            mismatch; ``'student'`` or ``'teacher'`` interpolates one map onto
+            the named side's grid.
+        uses_target: pass the labels given to the wrapper on to the loss. They
+            are checked first: (B, H, W) integers on the logits' grid after
+            resizing, in ``[0, classes)`` or the loss's ``ignore_index``
+            attribute, if it has one.
+        student_channels: the channels the term was built for at its student
+            feature (before the adapter), checked every step so that a
+            mismatch names the argument to change; ``None`` skips the check.
+        teacher_channels: the same for the teacher's feature (before the transform).
+
+    Raises:
+        TypeError: ``loss``, ``student_adapter`` or ``teacher_transform`` is not
+            an ``nn.Module``; a feature name is not a string.
+        ValueError: a negative weight, an unknown ``resize``, a channel count below 1.
 
     Example:
+        >>> from segdistill import AffinityLoss
         >>> term = DistillationTerm(AffinityLoss(), student="feat", teacher="feat")
         >>> term  # doctest: +ELLIPSIS
         DistillationTerm(
@@ -130,9 +136,10 @@ class DistillationTerm(nn.Module):
         weight: float = 1.0,
         student_adapter: nn.Module | None = None,
         teacher_transform: nn.Module | None = None,
-        align: bool = True,
         resize: Resize = "none",
         uses_target: bool = False,
+        student_channels: int | None = None,
+        teacher_channels: int | None = None,
     ) -> None:
         super().__init__()
         for name, module in (("loss", loss), ("student_adapter", student_adapter),
@@ -150,26 +157,18 @@ class DistillationTerm(nn.Module):
         self.weight = check_real("weight", weight, minimum=0.0)
         self.student_adapter = student_adapter
         self.teacher_transform = teacher_transform
-        self.align = bool(align)
         self.resize: Resize = resize
         self.uses_target = bool(uses_target)
+        self.student_channels = (None if student_channels is None
+                                 else check_positive_int("student_channels", student_channels))
+        self.teacher_channels = (None if teacher_channels is None
+                                 else check_positive_int("teacher_channels", teacher_channels))
 
     def extra_repr(self) -> str:
         return (
             f"student={self.student!r}, teacher={self.teacher!r}, weight={self.weight}, "
             f"resize={self.resize!r}"
         )
-
-
-class _Encoder(nn.Module):
-    """A translator's encoder as a teacher transform, with the translator's input check."""
-
-    def __init__(self, translator: Translator) -> None:
-        super().__init__()
-        self.translator = translator
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.translator.encode(x)
 
 
 def _freeze(module: nn.Module) -> None:
@@ -181,34 +180,44 @@ class DistillationWrapper(nn.Module):
     r"""Wrap a teacher and a student; return the student's output and weighted losses.
 
     The wrapper captures the features each :class:`DistillationTerm` needs by
-    dotted module path (forward hooks; any eager model), runs the frozen
-    teacher without gradients, runs the student, and evaluates every term. The
-    teacher and every term's ``teacher_transform`` are frozen: eval mode,
-    ``requires_grad=False``, and :meth:`train` never switches them back.
+    layer path (forward hooks; any eager, compiled or DDP-wrapped model), runs
+    the frozen teacher without gradients, runs the student, and evaluates
+    every term. The teacher and every term's ``teacher_transform`` are frozen:
+    eval mode, ``requires_grad=False``, and :meth:`train` never switches them
+    back.
 
-    Presets: :meth:`knowledge_adaptation` (He et al., CVPR 2019), and the
-    baselines :meth:`kd` (Hinton et al., 2015), :meth:`fitnet` (Romero et al.,
-    2015), :meth:`attention_transfer` (Zagoruyko and Komodakis, 2017),
+    A layer path is a dotted module path, followed by Python indexing for a
+    module that returns a list, a tuple or a mapping: ``'encoder[-1]'``,
+    ``"backbone['high']"``. A module whose output is not a tensor must be
+    given a selector (the first step raises and shows what it returns).
+
+    Presets, in :mod:`segdistill.presets` and as static methods here:
+    :meth:`knowledge_adaptation` (He et al., CVPR 2019), and the baselines
+    :meth:`kd` (Hinton et al., 2015), :meth:`fitnet` (Romero et al., 2015),
+    :meth:`attention_transfer` (Zagoruyko and Komodakis, 2017),
     :meth:`pairwise` (Liu et al., 2019) and :meth:`cwd` (Shu et al., 2021).
 
     Args:
         teacher: the trained teacher.
         student: the student to train.
         terms: ``{name: DistillationTerm}``.
-        teacher_layers: ``{feature name: dotted module path}`` in the teacher.
-        student_layers: ``{feature name: dotted module path}`` in the student.
-        output_key: which entry of a model output that is a mapping or a
-            sequence holds the logits, for terms on ``'output'``; ``'out'`` for
-            a mapping (torchvision segmentation models) and the first element
-            of a sequence by default.
+        teacher_layers: ``{feature name: layer path}`` in the teacher.
+        student_layers: ``{feature name: layer path}`` in the student.
+        teacher_output: how to find the teacher's logits in its output, for
+            terms on ``'output'`` (see :func:`~segdistill.hooks.select_output`):
+            ``None`` takes a tensor, a mapping's ``'out'`` (torchvision) or
+            ``logits`` (Hugging Face); or a key, an index, or a callable.
+        student_output: the same for the student.
 
     Raises:
-        TypeError: the teacher, the student or a term is not an ``nn.Module``.
+        TypeError: the teacher, the student or a term is not an ``nn.Module``;
+            an output selector of the wrong type.
         ValueError: a module path does not exist (the message lists the closest
-            valid ones), a term names a feature that no layer captures, the
-            teacher is the student, or there are no terms.
+            valid ones), a selector is malformed, a term names a feature that
+            no layer captures, the teacher is the student, or there are no terms.
 
     Example:
+        >>> from segdistill import AffinityLoss
         >>> _ = torch.manual_seed(0)
         >>> teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 5, 1))
         >>> student = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 1))
@@ -229,14 +238,16 @@ class DistillationWrapper(nn.Module):
         terms: Mapping[str, DistillationTerm],
         teacher_layers: Mapping[str, str] | None = None,
         student_layers: Mapping[str, str] | None = None,
-        output_key: str | int | None = None,
+        *,
+        teacher_output: OutputSelector = None,
+        student_output: OutputSelector = None,
     ) -> None:
         super().__init__()
         for name, value in (("teacher", teacher), ("student", student)):
             if not isinstance(value, nn.Module):
                 raise TypeError(f"expected the {name} to be an nn.Module, got "
                                 f"{type(value).__name__}")
-        if teacher is student:
+        if unwrap_model(teacher) is unwrap_model(student):
             raise ValueError("the teacher and the student are the same module")
         if not isinstance(terms, Mapping) or not terms:
             raise ValueError("expected at least one term, as {name: DistillationTerm}")
@@ -244,15 +255,16 @@ class DistillationWrapper(nn.Module):
             if not isinstance(term, DistillationTerm):
                 raise TypeError(f"expected term {name!r} to be a DistillationTerm, got "
                                 f"{type(term).__name__}")
+        _check_output_selector("teacher_output", teacher_output)
+        _check_output_selector("student_output", student_output)
         teacher_layers = dict(teacher_layers or {})
         student_layers = dict(student_layers or {})
-        for side, layers, attr in (("teacher", teacher_layers, "teacher"),
-                                   ("student", student_layers, "student")):
+        for side, layers in (("teacher", teacher_layers), ("student", student_layers)):
             if OUTPUT in layers:
                 raise ValueError(f"{OUTPUT!r} is reserved for the model's output; rename that "
                                  f"{side} layer")
             for name, term in terms.items():
-                wanted = getattr(term, attr)
+                wanted = getattr(term, side)
                 if wanted != OUTPUT and wanted not in layers:
                     raise ValueError(
                         f"term {name!r} uses the {side} feature {wanted!r}, but the {side} "
@@ -262,9 +274,10 @@ class DistillationWrapper(nn.Module):
         self.teacher = teacher
         self.student = student
         self.terms = nn.ModuleDict(dict(terms))
-        self.output_key = output_key
-        self._teacher_hooks = FeatureHooks(teacher, teacher_layers)
-        self._student_hooks = FeatureHooks(student, student_layers)
+        self.teacher_output: OutputSelector = teacher_output
+        self.student_output: OutputSelector = student_output
+        self._teacher_hooks = FeatureHooks(teacher, teacher_layers, "teacher")
+        self._student_hooks = FeatureHooks(student, student_layers, "student")
         _freeze(self.teacher)
         for module in self._frozen_transforms():
             _freeze(module)
@@ -311,10 +324,13 @@ class DistillationWrapper(nn.Module):
         """A copy of the plain student, with no hooks and no adapters, for deployment.
 
         Its parameters, buffers and FLOPs are exactly the student's own: the
-        adapters and losses live beside it in the wrapper, not inside it.
+        adapters and losses live beside it in the wrapper, not inside it. A
+        compiled (``torch.compile``) or DDP-wrapped student is unwrapped
+        (:func:`~segdistill.hooks.unwrap_model`), so the copy's ``state_dict``
+        keys carry no ``_orig_mod.`` or ``module.`` prefix.
         """
         with self._student_hooks.detached():
-            return copy.deepcopy(self.student)
+            return copy.deepcopy(unwrap_model(self.student))
 
     def remove_hooks(self) -> None:
         """Unregister the wrapper's hooks from both models (the wrapper stops working)."""
@@ -329,17 +345,23 @@ class DistillationWrapper(nn.Module):
         Args:
             inputs: what both models take (an image batch).
             target: labels, passed to the terms that use them (KD's ignore mask).
+
+        Raises:
+            ValueError: a captured feature is not a tensor (a structured output
+                without a selector), is not 4-D, has other channels than its term
+                was built for, or sits on a grid that does not fit the other
+                side's; labels that do not fit the logits they mask.
         """
         self._teacher_hooks.clear()
         self._student_hooks.clear()
         try:
             with torch.no_grad():
                 teacher_out = self.teacher(inputs)
-            teacher_feats = self._teacher_hooks.pop()
-            teacher_feats[OUTPUT] = teacher_out
+            teacher_feats = self._captured(self._teacher_hooks, teacher_out,
+                                           self.teacher_output, "teacher")
             student_out = self.student(inputs)
-            student_feats = self._student_hooks.pop()
-            student_feats[OUTPUT] = student_out
+            student_feats = self._captured(self._student_hooks, student_out,
+                                           self.student_output, "student")
             losses = self._evaluate_terms(student_feats, teacher_feats, target)
         finally:
             # a step that raised must not keep activations alive either
@@ -351,13 +373,30 @@ class DistillationWrapper(nn.Module):
             total = total + value
         return DistillationOutput(student_out, losses, total)
 
+    def _captured(self, hooks: FeatureHooks, output: Any, selector: OutputSelector,
+                  side: str) -> dict[str, Tensor]:
+        """One side's captured features and, when a term uses them, its logits."""
+        features = hooks.pop()
+        if any(getattr(term, side) == OUTPUT for _, term in self._terms()):
+            features[OUTPUT] = select_output(output, selector, f"the {side}'s output")
+        return features
+
+    def _what(self, side: str, name: str) -> str:
+        if name == OUTPUT:
+            return f"the {side}'s output"
+        hooks = self._teacher_hooks if side == "teacher" else self._student_hooks
+        return hooks.what(name)
+
     def _evaluate_terms(
-        self, student_feats: dict[str, Any], teacher_feats: dict[str, Any], target: Tensor | None
+        self, student_feats: dict[str, Tensor], teacher_feats: dict[str, Tensor],
+        target: Tensor | None,
     ) -> dict[str, Tensor]:
         transformed: dict[tuple[str, int], Tensor] = {}
         losses: dict[str, Tensor] = {}
         for name, term in self._terms():
-            t = _feature(teacher_feats, term.teacher, "teacher", self.output_key)
+            what_t = self._what("teacher", term.teacher)
+            t = take_feature(teacher_feats, term.teacher, what_t)
+            _check_channels(t, term.teacher_channels, name, "teacher", what_t)
             transform = term.teacher_transform
             if transform is not None:
                 # terms sharing a transform (the paper's two terms share the
@@ -367,184 +406,62 @@ class DistillationWrapper(nn.Module):
                     with torch.no_grad():
                         transformed[key] = transform(t)
                 t = transformed[key]
-            s = _feature(student_feats, term.student, "student", self.output_key)
+            what_s = self._what("student", term.student)
+            s = take_feature(student_feats, term.student, what_s)
+            _check_channels(s, term.student_channels, name, "student", what_s)
             if s.shape[0] != t.shape[0]:
                 raise ValueError(f"term {name!r}: the student's batch has {s.shape[0]} "
                                  f"images but the teacher's {t.shape[0]}")
             if term.student_adapter is not None:
                 s = term.student_adapter(s)
-            if term.align:
-                s, t = _align_grids(s, t, term.resize, name)
+            s, t = align_grids(s, t, term.resize, name)
+            if term.uses_target and target is not None:
+                _check_labels(target, t, getattr(term.loss, "ignore_index", None), name,
+                              term.resize)
             args = (s, t, target) if term.uses_target else (s, t)
             losses[name] = term.weight * term.loss(*args)
         return losses
 
-    # ---- presets -----------------------------------------------------------------------
+    # ---- presets (segdistill.presets; kept here so DistillationWrapper.kd(...) works) ---
 
-    @classmethod
-    def knowledge_adaptation(
-        cls,
-        teacher: nn.Module,
-        student: nn.Module,
-        *,
-        teacher_layer: str,
-        student_layer: str,
-        translator: Translator,
-        student_channels: int,
-        adaptation_weight: float = 50.0,
-        affinity_weight: float = 1.0,
-        adapter_layers: int = 3,
-        resize: Resize = "none",
-    ) -> DistillationWrapper:
-        r"""The paper's method: adaptation and affinity through a trained translator.
+    @staticmethod
+    def knowledge_adaptation(*args: Any, **kwargs: Any) -> DistillationWrapper:
+        """:func:`segdistill.presets.knowledge_adaptation`: the paper's method."""
+        from segdistill import presets
 
-        .. math::
+        return presets.knowledge_adaptation(*args, **kwargs)
 
-            \mathcal{L} = \beta\,\mathcal{L}_{adapt}\big(C_f(\phi_s), E(\phi_t)\big)
-                + \gamma\,\mathcal{L}_{aff}\big(C_a(\phi_s), E(\phi_t)\big),
-            \quad \beta = 50,\ \gamma = 1
+    @staticmethod
+    def kd(*args: Any, **kwargs: Any) -> DistillationWrapper:
+        """:func:`segdistill.presets.kd`: Hinton et al.'s KD on the logits."""
+        from segdistill import presets
 
-        (add the task's cross-entropy yourself). :math:`E` is the trained
-        translator's encoder, frozen; :math:`C_f` and :math:`C_a` are two new
-        :class:`~segdistill.Adapter`\ s trained with the student. A weight of
-        0 leaves its term out altogether (no adapter, no cost), which is how
-        the paper's ablations of each term alone are run.
+        return presets.kd(*args, **kwargs)
 
-        Args:
-            teacher: the trained teacher.
-            student: the student.
-            teacher_layer: path of the teacher's last feature map :math:`\phi_t`.
-            student_layer: path of the student's last feature map :math:`\phi_s`.
-            translator: the translator trained on the teacher's features (stage 1).
-            student_channels: :math:`C_s`, the channels at ``student_layer``.
-            adaptation_weight: :math:`\beta`.
-            affinity_weight: :math:`\gamma`.
-            adapter_layers: conv layers per adapter (the paper's appendix: 3).
-            resize: see :class:`DistillationTerm`.
-        """
-        if not isinstance(translator, Translator):
-            raise TypeError(f"expected translator to be a segdistill.Translator, got "
-                            f"{type(translator).__name__}")
-        check_positive_int("student_channels", student_channels)
-        latent = translator.latent_channels
-        encoder = _Encoder(translator)
-        losses: dict[str, tuple[nn.Module, float]] = {
-            "adaptation": (AdaptationLoss(), adaptation_weight),
-            "affinity": (AffinityLoss(), affinity_weight),
-        }
-        terms = {
-            name: DistillationTerm(
-                loss, student="features", teacher="features", weight=weight, resize=resize,
-                student_adapter=Adapter(student_channels, latent, adapter_layers),
-                teacher_transform=encoder,
-            )
-            for name, (loss, weight) in losses.items()
-            if check_real(f"{name}_weight", weight, minimum=0.0) > 0
-        }
-        if not terms:
-            raise ValueError("adaptation_weight and affinity_weight are both 0: nothing to distil")
-        _freeze(translator)  # the decoder too: stage 2 uses the encoder only
-        return cls(teacher, student, terms, {"features": teacher_layer},
-                   {"features": student_layer})
+    @staticmethod
+    def fitnet(*args: Any, **kwargs: Any) -> DistillationWrapper:
+        """:func:`segdistill.presets.fitnet`: Romero et al.'s FitNet hint."""
+        from segdistill import presets
 
-    @classmethod
-    def kd(
-        cls,
-        teacher: nn.Module,
-        student: nn.Module,
-        *,
-        temperature: float = 4.0,
-        weight: float = 1.0,
-        ignore_index: int | None = 255,
-        output_key: str | int | None = None,
-    ) -> DistillationWrapper:
-        """Hinton et al.'s knowledge distillation on the models' logits, pixel-wise
-        (:class:`~segdistill.KDLoss`).
+        return presets.fitnet(*args, **kwargs)
 
-        Pass the labels as ``target`` to the wrapper to leave out the pixels
-        labelled ``ignore_index``.
-        """
-        term = DistillationTerm(
-            KDLoss(temperature=temperature, ignore_index=ignore_index),
-            student=OUTPUT, teacher=OUTPUT, weight=weight, align=False, uses_target=True,
-        )
-        return cls(teacher, student, {"kd": term}, output_key=output_key)
+    @staticmethod
+    def attention_transfer(*args: Any, **kwargs: Any) -> DistillationWrapper:
+        """:func:`segdistill.presets.attention_transfer`: Zagoruyko and Komodakis."""
+        from segdistill import presets
 
-    @classmethod
-    def fitnet(
-        cls,
-        teacher: nn.Module,
-        student: nn.Module,
-        *,
-        teacher_layer: str,
-        student_layer: str,
-        student_channels: int,
-        teacher_channels: int,
-        weight: float = 1.0,
-    ) -> DistillationWrapper:
-        """Romero et al.'s FitNet hint (:class:`~segdistill.FitNetLoss`): student features
-        through a 1x1 regressor, upsampled to the teacher's grid, L2."""
-        term = DistillationTerm(
-            FitNetLoss(student_channels, teacher_channels), student="features",
-            teacher="features", weight=weight, align=False,
-        )
-        return cls(teacher, student, {"fitnet": term}, {"features": teacher_layer},
-                   {"features": student_layer})
+        return presets.attention_transfer(*args, **kwargs)
 
-    @classmethod
-    def attention_transfer(
-        cls,
-        teacher: nn.Module,
-        student: nn.Module,
-        *,
-        teacher_layer: str,
-        student_layer: str,
-        weight: float = 1000.0,
-        resize: Resize = "teacher",
-    ) -> DistillationWrapper:
-        """Zagoruyko and Komodakis's attention transfer
-        (:class:`~segdistill.AttentionTransferLoss`), with their weight of 1000.
+    @staticmethod
+    def pairwise(*args: Any, **kwargs: Any) -> DistillationWrapper:
+        """:func:`segdistill.presets.pairwise`: Liu et al.'s pair-wise similarity."""
+        from segdistill import presets
 
-        The student's map is resized onto the teacher's grid by default.
-        """
-        term = DistillationTerm(AttentionTransferLoss(), student="features",
-                                teacher="features", weight=weight, resize=resize)
-        return cls(teacher, student, {"attention": term}, {"features": teacher_layer},
-                   {"features": student_layer})
+        return presets.pairwise(*args, **kwargs)
 
-    @classmethod
-    def pairwise(
-        cls,
-        teacher: nn.Module,
-        student: nn.Module,
-        *,
-        teacher_layer: str,
-        student_layer: str,
-        weight: float = 1.0,
-        patch_size: int | tuple[int, int] | None = None,
-        resize: Resize = "none",
-    ) -> DistillationWrapper:
-        """Liu et al.'s pair-wise similarity distillation (:class:`~segdistill.PairwiseLoss`),
-        memory-linear, with optional patch pooling."""
-        term = DistillationTerm(PairwiseLoss(patch_size=patch_size), student="features",
-                                teacher="features", weight=weight, resize=resize)
-        return cls(teacher, student, {"pairwise": term}, {"features": teacher_layer},
-                   {"features": student_layer})
+    @staticmethod
+    def cwd(*args: Any, **kwargs: Any) -> DistillationWrapper:
+        """:func:`segdistill.presets.cwd`: Shu et al.'s channel-wise distillation."""
+        from segdistill import presets
 
-    @classmethod
-    def cwd(
-        cls,
-        teacher: nn.Module,
-        student: nn.Module,
-        *,
-        temperature: float = 4.0,
-        weight: float = 3.0,
-        output_key: str | int | None = None,
-        resize: Resize = "teacher",
-    ) -> DistillationWrapper:
-        """Shu et al.'s channel-wise distillation on the logits (:class:`~segdistill.CWDLoss`),
-        with their temperature 4 and weight 3; the student's logits are resized onto the
-        teacher's grid by default."""
-        term = DistillationTerm(CWDLoss(temperature=temperature), student=OUTPUT,
-                                teacher=OUTPUT, weight=weight, resize=resize)
-        return cls(teacher, student, {"cwd": term}, output_key=output_key)
+        return presets.cwd(*args, **kwargs)

@@ -383,8 +383,8 @@ def test_pairwise_resize_and_module_equal_functional(resize):
 
 
 @pytest.mark.parametrize("call,error,match", [
-    (lambda: pairwise_loss(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 5)), ValueError,
-     r"same H x W, got \(4, 4\) and \(4, 5\); pass resize='student' or resize='teacher'"),
+    (lambda: pairwise_loss(torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 6)), ValueError,
+     r"same H x W, got \(4, 4\) and \(4, 6\); pass resize='student' or resize='teacher'"),
     (lambda: pairwise_loss(torch.randn(1, 2, 4, 4), _meta((1, 2, 4, 4))), ValueError,
      r"student and teacher on the same device, got cpu and meta"),
     (lambda: PairwiseLoss(patch_size=[2, 2]), TypeError,

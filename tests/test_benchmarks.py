@@ -56,3 +56,37 @@ def test_affinity_benchmark_quick_run_writes_its_tables(tmp_path):
 def test_fused_flag_is_refused_for_other_losses():
     with pytest.raises(SystemExit):
         _load("affinity").parse_args(["--fused", "--loss", "pairwise"])
+
+
+@pytest.mark.parametrize("loss, distance", [("affinity", "l2"), ("affinity", "squared"),
+                                            ("pairwise", "squared")])
+def test_matmul_bound_times_the_products_the_linear_path_runs(loss, distance):
+    """The bound's products are the library's: same multiply-add count, forward and
+    backward, teacher frozen (so the bound cannot be flattered by leaving some out)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from segdistill import pairwise_loss
+
+    bench = _load("affinity")
+    case = bench.Case(2, 8, 4, 5, "linear", distance, "cpu", 1, loss)
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.madds = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("bmm", "baddbmm"):
+                a, b = args[-2], args[-1]
+                self.madds += a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+            return func(*args, **(kwargs or {}))
+
+    student = torch.randn(2, 8, 4, 5, requires_grad=True)
+    teacher = torch.randn(2, 8, 4, 5)
+    with Count() as count:
+        if loss == "pairwise":
+            pairwise_loss(student, teacher, method="linear").backward()
+        else:
+            affinity_loss(student, teacher, method="linear", distance=distance).backward()
+    expected = sum(a[0] * a[1] * a[2] * b[2] for a, b in bench.matmul_products(case))
+    assert count.madds == expected

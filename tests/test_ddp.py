@@ -73,3 +73,22 @@ def test_ddp_gradients_equal_single_process(tmp_path):
         assert grads.keys() == expected.keys()
         for name, value in expected.items():
             torch.testing.assert_close(grads[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_export_student_unwraps_a_ddp_student(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)
+    try:
+        teacher, student = tiny_pair()
+        wrapper = DistillationWrapper.attention_transfer(
+            teacher, DistributedDataParallel(student), teacher_layer="relu",
+            student_layer="relu", resize="teacher")
+        x, y = _batch()
+        _loss(wrapper, x, y).backward()
+        assert student.stem.weight.grad is not None
+        exported = wrapper.export_student()
+    finally:
+        dist.destroy_process_group()
+    assert type(exported) is nn.Sequential
+    assert list(exported.state_dict()) == list(student.state_dict())  # no 'module.' prefix
+    assert not any(m._forward_hooks for m in exported.modules())

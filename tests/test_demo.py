@@ -1,26 +1,28 @@
-"""The demo: data, a tiny end-to-end run of every method, the command line."""
+"""The demo: the pipeline on the digit scenes (data, a tiny end-to-end run), and the
+ablation driver over the same stages."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
+pytest.importorskip("torchmetrics")
+pytest.importorskip("torchdata")
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # for `examples`
 
-from segdistill.demo.data import NUM_CLASSES, make_digit_scenes
-from segdistill.demo.run import (
-    METHODS,
-    DemoConfig,
-    _variants,
-    format_scales,
-    format_table,
-    loss_scales,
-    main,
-    run,
-)
+from examples.segmentation import ablation
+from examples.segmentation.cli import main
+from examples.segmentation.digits import NUM_CLASSES, DigitDataset, make_digit_scenes
+
+TINY = ["--teacher-steps", "2", "--student-steps", "2", "--distill-steps", "2",
+        "--translator-steps", "2", "--scenes", "16", "8", "--batch-size", "4",
+        "--eval-batch-size", "4", "--no-progress", "--device", "cpu"]
 
 
 def test_scenes_are_deterministic_and_labelled():
@@ -36,6 +38,14 @@ def test_scenes_are_deterministic_and_labelled():
     assert not torch.equal(val.images, a.images)
 
 
+def test_the_pipeline_dataset_serves_the_scenes():
+    data = DigitDataset("val", 5)
+    scenes = make_digit_scenes("val", 5, seed=0)
+    image, label = data[3]
+    assert len(data) == 5 and image.shape == (1, 48, 48) and label.shape == (48, 48)
+    assert torch.equal(image, scenes.images[3]) and torch.equal(label, scenes.labels[3])
+
+
 def test_scene_errors():
     with pytest.raises(ValueError, match=r"split must be one of 'train', 'val', got 'test'"):
         make_digit_scenes("test", 1)
@@ -44,75 +54,88 @@ def test_scene_errors():
 
 
 @pytest.mark.slow
-def test_every_method_runs_end_to_end(tmp_path):
-    config = DemoConfig(train_scenes=32, val_scenes=8, size=32, batch_size=4,
-                        teacher_steps=3, student_steps=2, translator_steps=2,
-                        methods=METHODS, seeds=(0, 1), out_dir=str(tmp_path), progress=False)
-    results = run(config)
-    methods = [s["method"] for s in results["summary"]]
-    assert methods == ["teacher", *METHODS]
-    assert all(s["runs"] == 2 for s in results["summary"][1:])
-    students = results["summary"][1:]
-    assert len({s["params"] for s in students}) == 1  # adapters are not part of the student
-    assert students[0]["params"] < results["summary"][0]["params"]
-    assert (tmp_path / "demo.png").stat().st_size > 10_000
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert [(s["method"], s["miou_mean"]) for s in saved["summary"]] == [
-        (s["method"], s["miou_mean"]) for s in results["summary"]]
-    assert "| adaptation+affinity | 2 |" in format_table(results["summary"])
+def test_the_demo_runs_every_stage(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["all", "--dataset", "digits", "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    for name in ("teacher", "student", "distill-paper"):
+        assert f"| {name} |" in printed
+        result = json.loads((out / name / "eval.json").read_text())
+        assert 0 <= result["miou"] <= 1 and len(result["iou"]) == NUM_CLASSES
+    assert (out / "translator" / "model.pt").is_file()
+    student = json.loads((out / "student" / "eval.json").read_text())
+    distilled = json.loads((out / "distill-paper" / "eval.json").read_text())
+    assert student["params"] == distilled["params"] and student["flops"] == distilled["flops"]
+    assert (out / "figures" / "digits.png").stat().st_size > 10_000
+    summary = (out / "summary.md").read_text()
+    assert "| distill-paper |" in summary and " s on " in summary and "threads" in summary
+    assert "Command: `python -m examples.segmentation all --dataset digits --out" in summary
+    log = [json.loads(line) for line in (out / "distill-paper" / "log.jsonl").read_text()
+           .splitlines()]
+    assert {"ce", "adaptation", "affinity", "lr"} <= set(log[-1])
+    assert log[-1]["adaptation"] > 0  # the demo's beta, 0.5
 
 
-def test_command_line(tmp_path, capsys):
-    code = main(["--steps", "2", "--teacher-steps", "2", "--translator-steps", "2",
-                 "--train-scenes", "16", "--val-scenes", "4", "--batch-size", "4",
-                 "--methods", "student", "adaptation", "--beta", "3", "0.5",
-                 "--no-figure", "--out", str(tmp_path)])
+@pytest.mark.slow
+def test_the_ablation_driver(tmp_path, capsys):
+    out = tmp_path / "results"
+    code = ablation.main(["--out", str(out), "--runs", str(tmp_path / "runs"),
+                          "--rows", "student", "kd_T2", "adaptation", "adaptation+affinity",
+                          "--seeds", "0", "1", "--beta", "3", "0.5", *TINY])
     assert code == 0
-    out = capsys.readouterr().out
-    assert "| teacher | 1 |" in out and "| student | 1 |" in out
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["config"]["batch_size"] == 4 and saved["config"]["adaptation_weights"] == [3, 0.5]
-    assert [(r["method"], r["weights"]["beta"]) for r in saved["rows"][2:]] == [
-        ("adaptation (beta=3)", 3), ("adaptation (beta=0.5)", 0.5)]
-    summary = (tmp_path / "summary.md").read_text()
-    assert "beta = 3, 0.5, gamma = 1" in summary
+    saved = json.loads((out / "results.json").read_text())
+    labels = [s["method"] for s in saved["summary"]]
+    assert labels == ["teacher", "student", "kd_T2", "adaptation (beta=3)",
+                      "adaptation (beta=0.5)", "adaptation+affinity (beta=3)",
+                      "adaptation+affinity (beta=0.5)"]
+    assert all(s["runs"] == 2 for s in saved["summary"][1:])
+    assert len({s["params"] for s in saved["summary"][1:]}) == 1  # adapters are not kept
+    assert saved["summary"][1]["params"] < saved["summary"][0]["params"]
+    rows = {(r["method"], r["seed"]): r for r in saved["rows"]}
+    assert rows[("adaptation (beta=3)", 1)]["weights"] == {"adaptation_weight": 3.0,
+                                                          "affinity_weight": 0.0}
+    assert "kd" in rows[("kd_T2", 0)]["terms_start"]
+    summary = (out / "summary.md").read_text()
+    assert "| adaptation (beta=3) | 2 |" in summary
     assert "| adaptation (beta=3) | adaptation |" in summary  # the loss-scale table
-    assert "| student | loss |" not in summary  # plain students have no distillation terms
+    assert "| student | loss |" not in summary  # a plain student has no distillation term
+    assert "beta = 3, 0.5, gamma = 1" in summary
+    assert (out / "ablation.png").stat().st_size > 10_000
+    assert not (out / "teacher").exists()  # the models go under --runs
 
 
 def test_weight_variants_label_only_the_swept_weights():
-    config = DemoConfig(adaptation_weights=(50.0,), affinity_weights=(1.0, 10.0))
-    assert _variants("adaptation", config) == [("adaptation", 50.0, 0.0)]
-    assert _variants("affinity", config) == [("affinity (gamma=1)", 0.0, 1.0),
-                                             ("affinity (gamma=10)", 0.0, 10.0)]
-    assert [v[0] for v in _variants("adaptation+affinity", config)] == [
+    assert ablation.variants("adaptation", [50.0], [1.0, 10.0]) == [
+        ("adaptation", {"adaptation_weight": 50.0, "affinity_weight": 0.0})]
+    assert [v[0] for v in ablation.variants("adaptation+affinity", [50.0], [1.0, 10.0])] == [
         "adaptation+affinity (gamma=1)", "adaptation+affinity (gamma=10)"]
-    assert _variants("kd_T2", config) == [("kd_T2", 0.0, 0.0)]
+    assert ablation.variants("kd_T2", [1.0, 2.0], [1.0]) == [("kd_T2", {"kd_temperature": 2.0})]
+    assert ablation.variants("student", [1.0], [1.0]) == [("student", {})]
+
+
+def test_unknown_rows_fail_before_training(tmp_path):
+    with pytest.raises(SystemExit):
+        ablation.main(["--rows", "kd_T3", "--out", str(tmp_path)])
 
 
 def test_loss_scales_average_the_first_and_last_steps():
     history = [{"step": i + 1, "lr": 0.1, "loss": float(i), "ce": 1.0, "kd": float(2 * i)}
                for i in range(10)]
-    start, end = loss_scales(history, window=3)
+    start, end = ablation.loss_scales(history, window=3)
     assert start == {"loss": 1.0, "ce": 1.0, "kd": 2.0}
     assert end == {"loss": 8.0, "ce": 1.0, "kd": 16.0}
-    assert loss_scales([]) == ({}, {})
+    assert ablation.loss_scales([]) == ({}, {})
     rows = [{"method": "kd_T2", "terms_start": start, "terms_end": end},
             {"method": "student", "terms_start": {"loss": 1.0, "ce": 1.0},
              "terms_end": {"loss": 1.0, "ce": 1.0}}]
-    table = format_scales(rows)
+    table = ablation.format_scales(rows)
     assert "| kd_T2 | kd | 2 | 16 |" in table and "student" not in table
-    assert format_scales(rows[1:]) == ""
+    assert ablation.format_scales(rows[1:]) == ""
 
 
-def test_ablation_flag_uses_the_papers_weights_and_the_plain_demo_rebalanced_ones(tmp_path):
-    tiny = ["--steps", "1", "--teacher-steps", "1", "--translator-steps", "1",
-            "--train-scenes", "8", "--val-scenes", "2", "--batch-size", "4", "--seeds", "0",
-            "--methods", "adaptation+affinity", "--no-figure"]
-    assert main([*tiny, "--ablation", "--out", str(tmp_path / "a")]) == 0
-    assert main([*tiny, "--out", str(tmp_path / "b")]) == 0
-    assert main([*tiny, "--ablation", "--beta", "2", "--out", str(tmp_path / "c")]) == 0
-    weights = [json.loads((tmp_path / d / "results.json").read_text())["rows"][1]["weights"]
-               for d in "abc"]
-    assert weights == [{"beta": 50.0, "gamma": 1.0}, {"beta": 0.5, "gamma": 1.0},
-                       {"beta": 2.0, "gamma": 1.0}]
+def test_summary_mean_and_sample_deviation():
+    rows = [{"method": "a", "miou": v, "params": 1, "flops": 2} for v in (0.3, 0.5)]
+    (summary,) = ablation.summarize(rows)
+    assert summary["miou_mean"] == pytest.approx(0.4)
+    assert summary["miou_std"] == pytest.approx(0.1414213, rel=1e-6)
+    assert "| a | 2 | 40.00 ± 14.14 |" in ablation.format_table([summary])

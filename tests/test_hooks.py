@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from segdistill import FeatureHooks
-from segdistill.hooks import select_output
+from segdistill.hooks import feature_shapes, parse_layer, select_output, unwrap_model
 
 
 def _model():
@@ -78,15 +78,124 @@ def test_bad_arguments(model, layers, error, match):
         FeatureHooks(_model() if model is None else model, layers)
 
 
-def test_select_output():
-    t = torch.zeros(1)
+class _WithLogits:
+    def __init__(self, logits):
+        self.logits = logits
+
+
+def test_select_output_automatic_rule():
+    t = torch.zeros(1, 2, 3, 3)
     assert select_output(t) is t
-    assert select_output({"out": t, "aux": None}) is t
-    assert select_output((t, None)) is t
-    assert select_output({"logits": t}, "logits") is t
-    with pytest.raises(TypeError, match=r"mapping without key 'out' \(keys: \['logits'\]\)"):
-        select_output({"logits": t})
-    with pytest.raises(TypeError, match=r"cannot take element 3"):
+    assert select_output({"out": t, "aux": None}) is t  # torchvision
+    assert select_output({"logits": t, "hidden_states": (t,)}) is t  # a ModelOutput is a mapping
+    assert select_output(_WithLogits(t)) is t
+    with pytest.raises(ValueError, match=r"cannot find the logits in the model's output: it "
+                                         r"holds tuple of 2 \(\[0\] Tensor\(1, 2, 3, 3\), "
+                                         r"\[1\] NoneType\), with no 'out' or 'logits'"):
+        select_output((t, None))  # never the first element silently
+    with pytest.raises(ValueError, match=r"holds dict \{'pred': Tensor\(1, 2, 3, 3\)\}"):
+        select_output({"pred": t})
+    with pytest.raises(TypeError, match=r"the model's output\['out'\] holds list of 1"):
+        select_output({"out": [t]})
+
+
+def test_select_output_by_key_index_or_callable():
+    t = torch.zeros(1)
+    assert select_output({"pred": t}, "pred") is t
+    assert select_output((None, t), 1) is t
+    assert select_output((None, t), -1) is t
+    assert select_output(_WithLogits(t), "logits") is t
+    assert select_output([t], lambda out: out[0]) is t
+    with pytest.raises(ValueError, match=r"the model's output has no element 3; it holds tuple "
+                                         r"of 1"):
         select_output((t,), 3)
-    with pytest.raises(TypeError, match=r"got int"):
-        select_output(3)
+    with pytest.raises(ValueError, match=r"has no key 'logits'; it holds dict \{'out'"):
+        select_output({"out": t}, "logits")
+    with pytest.raises(TypeError, match=r"the output selector's result for the model's output "
+                                        r"holds int, not a tensor"):
+        select_output(t, lambda out: 3)
+    with pytest.raises(TypeError, match=r"expected an output selector: None, a key \(str\), an "
+                                        r"index \(int\) or a callable, got bool"):
+        select_output((t,), True)
+
+
+@pytest.mark.parametrize("layer,expected", [
+    ("backbone.layer4", ("backbone.layer4", ())),
+    ("encoder[-1]", ("encoder", (-1,))),
+    ("backbone['high']", ("backbone", ("high",))),
+    ('backbone["high"]', ("backbone", ("high",))),
+    ("segformer['hidden_states'][ 2 ]", ("segformer", ("hidden_states", 2))),
+    ("[0]", ("", (0,))),
+])
+def test_parse_layer(layer, expected):
+    assert parse_layer(layer) == expected
+
+
+@pytest.mark.parametrize("layer,match", [
+    ("encoder[high]", r"layer path 'encoder\[high\]' has an invalid selector '\[high\]'"),
+    ("encoder[1.5]", r"invalid selector '\[1.5\]'"),
+    ("encoder[0]x", r"invalid selector 'x'"),
+    ("encoder[", r"invalid selector '\['"),
+])
+def test_parse_layer_errors(layer, match):
+    with pytest.raises(ValueError, match=match + r"; use Python indexing with an int or a quoted "
+                                                 r"key, e.g. 'encoder\[-1\]'"):
+        parse_layer(layer)
+
+
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return {"low": y, "all": [x, y]}
+
+
+def test_selectors_on_hooked_structured_outputs():
+    model = nn.Sequential(_Pair())
+    hooks = FeatureHooks(model, {"low": "0['low']", "last": "0['all'][-1]", "raw": "0"},
+                         owner="student")
+    x = torch.randn(1, 3, 4, 4)
+    model(x)
+    with pytest.raises(ValueError, match=r"the student's layer '0' returns dict \{'low': "
+                                         r"Tensor\(1, 4, 4, 4\), 'all': list of 2 .*\}, not a "
+                                         r"tensor; .* e.g. \"0\['low'\]\""):
+        hooks.pop()
+    hooks = FeatureHooks(model, {"low": "0['low']", "last": "0['all'][-1]"})
+    model(x)
+    feats = hooks.pop()
+    torch.testing.assert_close(feats["low"], model[0].conv(x))
+    assert feats["last"] is not x and feats["last"].shape == (1, 4, 4, 4)
+
+
+def test_a_wrong_selector_names_the_written_path():
+    model = nn.Sequential(_Pair())
+    hooks = FeatureHooks(model, ["0['high']"], owner="teacher")
+    model(torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"the teacher's layer \"0\['high'\]\" has no key "
+                                         r"'high'; it holds dict"):
+        hooks.pop()
+
+
+def test_unwrap_model():
+    model = _model()
+    assert unwrap_model(model) is model
+    assert unwrap_model(torch.compile(model)) is model
+    assert unwrap_model(nn.DataParallel(torch.compile(model))) is model
+
+
+def test_feature_shapes_restores_modes_and_removes_hooks():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4),
+                          nn.Conv2d(4, 2, 1))
+    model.train()
+    model[1].eval()  # a mixed state comes back as it was
+    before = model[1].running_mean.clone()
+    shapes = feature_shapes(model, {"bn": "1"}, torch.randn(2, 3, 8, 8))
+    assert shapes == {"bn": torch.Size([2, 4, 4, 4]), "output": torch.Size([2, 2, 4, 4])}
+    assert model.training and model[0].training and not model[1].training
+    assert torch.equal(model[1].running_mean, before)
+    assert all(not m._forward_hooks for m in model.modules())
+    assert "output" not in feature_shapes(model, ["1"], torch.randn(1, 3, 8, 8),
+                                          with_output=False)

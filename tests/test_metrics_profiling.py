@@ -1,15 +1,28 @@
-"""ConfusionMatrix against a per-class loop; parameter and FLOP counts by hand."""
+"""The pipeline's metrics (torchmetrics) against a per-class loop; parameter and FLOP counts
+by hand; the library's pixel affinity against the dense affinity matrix."""
 
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from segdistill.metrics import ConfusionMatrix
-from segdistill.profiling import count_flops, count_parameters, measure_throughput
+from segdistill import affinity_matrix, pixel_affinity
+
+pytest.importorskip("torchmetrics")
+pytest.importorskip("torchdata")
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # for `examples`
+
+from examples.segmentation.profiling import (
+    count_flops,
+    count_parameters,
+    throughput,
+)
+from examples.segmentation.stages import segmentation_metrics
 
 
 def reference_iou(pred, target, k, ignore):
@@ -22,39 +35,28 @@ def reference_iou(pred, target, k, ignore):
     return ious
 
 
-def test_iou_matches_reference_over_batches():
+def test_iou_matches_reference_over_batches(device):
     g = torch.Generator().manual_seed(0)
-    cm = ConfusionMatrix(5, ignore_index=255)
+    metrics = segmentation_metrics(6).to(device)
     preds, targets = [], []
     for _ in range(3):
-        pred = torch.randint(0, 5, (2, 7, 9), generator=g)
+        pred = torch.randint(0, 5, (2, 7, 9), generator=g)  # class 5 never predicted
         target = torch.randint(0, 5, (2, 7, 9), generator=g)
         target[target == 4] = 255  # class 4 never in the ground truth
-        cm.update(pred, target)
+        metrics.update(pred.to(device), target.to(device))
         preds.append(pred)
         targets.append(target)
-    expected = reference_iou(torch.cat(preds), torch.cat(targets), 5, 255)
-    torch.testing.assert_close(cm.iou(), torch.tensor(expected, dtype=torch.float32),
-                               equal_nan=True)
-    assert cm.iou()[4] == 0  # predicted but never true: IoU 0, counted in the mean
-    assert cm.miou() == pytest.approx(sum(expected) / 5)
-
-
-def test_absent_class_is_nan_and_left_out():
-    cm = ConfusionMatrix(3, ignore_index=None)
-    cm.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
-    assert math.isnan(cm.iou()[2]) and cm.miou() == 1.0
-    assert cm.pixel_accuracy() == 1.0
-
-
-def test_errors():
-    cm = ConfusionMatrix(3)
-    with pytest.raises(ValueError, match=r"same shape, got \(2,\) and \(3,\)"):
-        cm.update(torch.zeros(2, dtype=torch.long), torch.zeros(3, dtype=torch.long))
-    with pytest.raises(TypeError, match=r"expected integer label maps, got torch.float32"):
-        cm.update(torch.zeros(2), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"num_classes must be a positive int, got 0"):
-        ConfusionMatrix(0)
+    values = metrics.compute()
+    states = [state for m in metrics.values() for state in m.metric_state.values()]
+    assert states and all(state.device.type == device.type for state in states)
+    expected = reference_iou(torch.cat(preds), torch.cat(targets), 6, 255)
+    torch.testing.assert_close(values["iou"].cpu(), torch.tensor(expected), equal_nan=True)
+    assert values["iou"][4] == 0  # predicted but never true: IoU 0, counted in the mean
+    assert math.isnan(values["iou"][5])  # in neither: left out of the mean
+    assert float(values["miou"]) == pytest.approx(sum(expected[:5]) / 5)
+    valid = torch.cat(targets) != 255
+    accuracy = (torch.cat(preds) == torch.cat(targets))[valid].float().mean()
+    assert float(values["pixel_accuracy"]) == pytest.approx(float(accuracy))
 
 
 def test_counts():
@@ -66,4 +68,21 @@ def test_counts():
     model.train()
     count_flops(model, x)
     assert model.training  # mode restored
-    assert measure_throughput(model, x, warmup=1, repeats=2) > 0
+    assert throughput(model, x, min_run_time=0.05) > 0
+    assert model.training
+
+
+def test_pixel_affinity_is_a_row_of_the_affinity_matrix():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(1, 5, 3, 4, generator=g)
+    # pixel (5, 7) of a 6 x 8 image lies in cell (2, 3) of the 3 x 4 grid
+    row = affinity_matrix(features)[0, 2 * 4 + 3] * 12
+    torch.testing.assert_close(pixel_affinity(features, (5, 7), (6, 8)).flatten(), row)
+    assert pixel_affinity(features, (5, 7), (6, 8))[2, 3] == pytest.approx(1.0)
+
+
+def test_pixel_affinity_errors():
+    with pytest.raises(ValueError, match=r"shape \(1, C, h, w\), got \(5, 3\)"):
+        pixel_affinity(torch.zeros(5, 3), (0, 0), (4, 4))
+    with pytest.raises(ValueError, match=r"pixel \(4, 0\) lies outside an image of size \(4, 4\)"):
+        pixel_affinity(torch.zeros(1, 2, 2, 2), (4, 0), (4, 4))

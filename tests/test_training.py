@@ -1,16 +1,26 @@
-"""The training loop: sampler, poly schedule, wrapper terms, AMP, exact resume."""
+"""The pipeline's training loop: sampler, poly schedule, wrapper terms, AMP, exact resume."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from models import snapshot, tiny_pair
 from torch.utils.data import Dataset, TensorDataset
 
+pytest.importorskip("torchdata")
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # for `examples`
+
+from examples.segmentation.training import (
+    KeyedSampler,
+    TrainConfig,
+    decode_sample_key,
+    fit,
+)
 from segdistill import DistillationWrapper, Translator
-from segdistill.training import EpochSampler, TrainConfig, decode_sample_key, fit, poly_lr
 
 
 class AugmentedShapes(Dataset):
@@ -35,35 +45,18 @@ class AugmentedShapes(Dataset):
         return image, label
 
 
-def test_sampler_shards_cover_an_epoch_disjointly():
-    shards = [list(EpochSampler(10, batch_size=2, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+def test_sampler_shards_cover_an_epoch_disjointly_and_key_the_epoch():
+    data = range(10)
+    shards = [list(KeyedSampler(data, num_replicas=2, rank=r, seed=3, drop_last=True))
+              for r in (0, 1)]
     indices = [k % 10 for shard in shards for k in shard]
-    assert len(indices) == len(set(indices)) == 8  # 2 steps of 2 per rank, tail dropped
+    assert len(indices) == len(set(indices)) == 10
     assert all(k < 10 for shard in shards for k in shard)  # epoch 0
-
-
-def test_sampler_position_spans_epochs():
-    sampler = EpochSampler(6, batch_size=2, seed=0)
-    epoch0 = list(sampler)
-    sampler.set_position(4)  # 3 steps per epoch: epoch 1, second batch
+    sampler = KeyedSampler(data, num_replicas=1, rank=0, seed=3)
+    sampler.set_epoch(2)
     keys = list(sampler)
-    assert [decode_sample_key(k, 6)[0] for k in keys] == [1, 1, 1, 1]
-    sampler.set_position(3)
-    assert list(sampler)[2:] == keys
-    assert sorted(k % 6 for k in epoch0) == list(range(6))
-
-
-def test_sampler_errors():
-    with pytest.raises(ValueError, match=r"gives no full batch of 8 on each of 2 ranks"):
-        EpochSampler(10, batch_size=8, world_size=2)
-    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\), got 2"):
-        EpochSampler(10, batch_size=1, rank=2, world_size=2)
-
-
-def test_poly_lr():
-    assert poly_lr(0.01, 0, 10) == 0.01
-    assert poly_lr(0.01, 10, 10) == 0.0
-    assert poly_lr(0.01, 5, 10, power=1.0) == pytest.approx(0.005)
+    assert {decode_sample_key(k, 10)[0] for k in keys} == {2}
+    assert [k % 10 for k in keys] != [k % 10 for k in shards[0] + shards[1]]  # reshuffled
 
 
 def _wrapper():
@@ -74,7 +67,7 @@ def _wrapper():
         translator=Translator(12, latent_channels=6), student_channels=6)
 
 
-def test_fit_a_wrapper_logs_every_term(tmp_path):
+def test_fit_a_wrapper_logs_every_term_with_the_poly_schedule(tmp_path):
     log = tmp_path / "log.jsonl"
     config = TrainConfig(steps=4, batch_size=4, lr=0.01, log_path=str(log), log_every=2,
                          progress=False)
@@ -83,7 +76,9 @@ def test_fit_a_wrapper_logs_every_term(tmp_path):
     assert set(history[0]) == {"step", "lr", "loss", "ce", "adaptation", "affinity"}
     for row in history:
         assert row["loss"] == pytest.approx(row["ce"] + row["adaptation"] + row["affinity"])
-    assert history[0]["lr"] == 0.01 and history[1]["lr"] == pytest.approx(poly_lr(0.01, 1, 4))
+    # lr_t = lr_0 (1 - t / T)^0.9, the lr of the step's update
+    assert [row["lr"] for row in history] == pytest.approx(
+        [0.01 * (1 - t / 4) ** 0.9 for t in range(4)])
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
 
@@ -96,24 +91,26 @@ def test_teacher_is_untouched_by_fit():
         assert torch.equal(value, before[key])
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("crash_at", [2, 3, 5])  # end of an epoch (3 steps), and within one
+def test_resume_continues_bit_identically(tmp_path, crash_at):
     config = TrainConfig(steps=8, batch_size=4, lr=0.02, progress=False,
-                         checkpoint_path=str(tmp_path / "ckpt.pt"), checkpoint_every=2)
+                         checkpoint_path=str(tmp_path / "ckpt.pt"), checkpoint_every=1,
+                         log_path=str(tmp_path / "log.jsonl"), log_every=1)
     straight_model = _wrapper()
     straight = fit(straight_model, AugmentedShapes(), TrainConfig(
         steps=8, batch_size=4, lr=0.02, progress=False))
-    crashed_model = _wrapper()
-    first = fit(crashed_model, AugmentedShapes(), config, stop_after=5)  # "crash" after step 5
-    assert len(first) == 5
+    first = fit(_wrapper(), AugmentedShapes(), config, stop_after=crash_at)  # "crash"
+    assert len(first) == crash_at
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert state["step"] == 5
+    assert state["step"] == crash_at
     resumed_model = _wrapper()  # a fresh process: new objects, the same construction
     resumed = fit(resumed_model, AugmentedShapes(), config, resume=True)
-    assert [r["step"] for r in resumed] == list(range(1, 9))
-    for a, b in zip(resumed, straight):
-        assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
+    assert resumed == straight  # every loss, term and learning rate, exactly
     for key, value in snapshot(resumed_model).items():
-        torch.testing.assert_close(value, snapshot(straight_model)[key], msg=key)
+        assert torch.equal(value, snapshot(straight_model)[key]), key
+    logged = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text()
+              .splitlines()]
+    assert logged == list(range(1, 9))  # no step logged twice
 
 
 def test_a_plain_segmenter_and_bf16_autocast():
@@ -124,6 +121,12 @@ def test_a_plain_segmenter_and_bf16_autocast():
                                              progress=False))
     assert set(history[0]) == {"step", "lr", "loss", "ce"}
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
+
+
+def test_a_dataset_too_small_for_a_batch():
+    data = TensorDataset(torch.randn(3, 3, 16, 16), torch.randint(0, 5, (3, 16, 16)))
+    with pytest.raises(ValueError, match=r"a dataset of 3 samples gives no full batch of 4"):
+        fit(tiny_pair()[1], data, TrainConfig(steps=1, batch_size=4, progress=False))
 
 
 @pytest.mark.parametrize("kwargs,match", [

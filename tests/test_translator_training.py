@@ -112,7 +112,7 @@ def test_errors(kwargs, error, match):
 def test_feature_that_is_not_4d():
     teacher, _ = tiny_pair()
     teacher.flat = torch.nn.Flatten()
-    with pytest.raises(ValueError, match=r"expected the teacher's feature at 'flat' to be a 4-D "
+    with pytest.raises(ValueError, match=r"expected the teacher's layer 'flat' to be a 4-D "
                                          r"\(B, C, H, W\) tensor, got shape \(2, 80\)"):
         train_translator(teacher, [torch.randn(2, 3, 8, 8)], "flat", progress=False)
 
@@ -120,3 +120,26 @@ def test_feature_that_is_not_4d():
 def test_load_checkpoint_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+class _ListEncoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return [x, self.conv(x)]
+
+
+@pytest.mark.parametrize("batches", [
+    [torch.randn(2, 3, 8, 8)],
+    [(torch.randn(2, 3, 8, 8), torch.zeros(2, 8, 8))],
+    [{"image": torch.randn(2, 3, 8, 8)}],
+])
+def test_a_selector_on_the_feature_layer_and_batch_forms(batches):
+    teacher = torch.nn.Sequential(_ListEncoder())
+    result = train_translator(teacher, batches, "0[-1]", progress=False)
+    assert result.translator.in_channels == 6
+    with pytest.raises(ValueError, match=r"the teacher's layer '0' returns list of 2 .*e.g. "
+                                         r"'0\[-1\]'"):
+        train_translator(teacher, batches, "0", progress=False)

@@ -117,16 +117,21 @@ def test_export_student_has_the_students_parameters_and_flops():
 def test_grids_differing_by_stride_rounding_are_aligned():
     teacher, student = tiny_pair()
     term = DistillationTerm(AffinityLoss(), student="s", teacher="t")
-    # 15 x 15 input: teacher body 8 x 8, student 'down' 4 x 4 ... use an extra pool for 3 x 3
     wrapper = DistillationWrapper(teacher, student, {"aff": term},
                                   {"t": "body"}, {"s": "relu"})
-    with pytest.raises(ValueError, match=r"term 'aff': student features on a 4 x 4 grid but "
-                                         r"teacher features on 8 x 8 \(about 2x\)"):
+    with pytest.raises(ValueError, match=r"term 'aff': expected student and teacher features on "
+                                         r"the same H x W, got \(4, 4\) and \(8, 8\); pass "
+                                         r"resize='student' or resize='teacher'.*about 2x"):
         wrapper(torch.randn(2, 3, 16, 16))
     teacher.body = nn.Sequential(nn.Conv2d(8, 12, 3, stride=2, padding=0))  # 8 -> 3 at 16 px
     wrapper = DistillationWrapper(teacher, student, {"aff": term}, {"t": "body"}, {"s": "relu"})
-    out = wrapper(torch.randn(2, 3, 16, 16))  # 3 x 3 against 4 x 4: rounding, aligned
-    assert torch.isfinite(out.loss)
+    x = torch.randn(2, 3, 16, 16)
+    out = wrapper(x)  # 3 x 3 against 4 x 4: rounding, the teacher's map aligned onto 4 x 4
+    phi_t = teacher.body(teacher.act(teacher.stem(x))).detach()
+    phi_s = student.relu(student.down(student.act(student.stem(x))))
+    expected = affinity_loss(phi_s, nn.functional.interpolate(
+        phi_t, size=(4, 4), mode="bilinear", align_corners=True))
+    torch.testing.assert_close(out.losses["aff"], expected)
 
 
 def test_real_mismatch_resizes_only_when_asked():
@@ -145,20 +150,32 @@ def test_under_autocast():
 
 
 @pytest.mark.slow
-def test_compiled_student():
-    wrapper, teacher, student, _ = _paper_wrapper()
-    x = torch.randn(2, 3, 16, 16)
-    wrapper.eval()
-    eager = wrapper(x).losses
-    compiled = DistillationWrapper(
-        teacher, torch.compile(student), dict(wrapper.terms),
-        {"features": "relu"}, {"features": "relu"},
-    ).eval()
-    out = compiled(x)
-    for name, value in eager.items():
-        torch.testing.assert_close(out.losses[name], value, rtol=1e-4, atol=1e-5)
-    out.loss.backward()
-    assert student.stem.weight.grad is not None
+def test_compiled_student_trains_two_steps_like_the_eager_one_and_exports_plain():
+    def run(compile_student):
+        wrapper, teacher, student, _ = _paper_wrapper()
+        if compile_student:
+            wrapper = DistillationWrapper(teacher, torch.compile(student), dict(wrapper.terms),
+                                          {"features": "relu"}, {"features": "relu"})
+        optimizer = torch.optim.SGD(wrapper.trainable_parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(0)
+        history = []
+        for _ in range(2):
+            out = wrapper(torch.randn(2, 3, 16, 16, generator=g))
+            loss = out.loss + nn.functional.cross_entropy(
+                out.output, torch.randint(0, 5, (2, 4, 4), generator=g))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            history.append(loss.detach())
+        return history, wrapper.export_student(), student
+
+    eager, _, _ = run(False)
+    compiled, exported, student = run(True)
+    torch.testing.assert_close(torch.stack(compiled), torch.stack(eager), rtol=1e-4, atol=1e-5)
+    assert type(exported) is nn.Sequential
+    assert list(exported.state_dict()) == list(student.state_dict())  # no '_orig_mod.'
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[key], value)
 
 
 @pytest.mark.slow
@@ -177,24 +194,6 @@ def test_torchvision_deeplabv3_teacher_and_mobilenet_v2_student():
     out.loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert student.backbone[0][0].weight.grad is not None
-
-
-@pytest.mark.slow
-def test_torchvision_lraspp_student_with_dict_outputs():
-    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
-
-    torch.manual_seed(0)
-    teacher = deeplabv3_teacher()
-    student = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21)
-    translator = Translator(2048, latent_channels=16)
-    wrapper = DistillationWrapper.knowledge_adaptation(
-        teacher, student, teacher_layer="backbone.layer4", student_layer="backbone.16",
-        translator=translator, student_channels=960, adapter_layers=1,
-    )
-    out = wrapper(torch.randn(2, 3, 65, 65))
-    assert isinstance(out.output, dict) and out.output["out"].shape == (2, 21, 65, 65)
-    assert torch.isfinite(out.loss)
-    out.loss.backward()
 
 
 def test_plain_sequential_pair_with_custom_terms():
@@ -230,7 +229,7 @@ def test_fitnet_preset_trains_its_regressor():
     teacher, student = tiny_pair()
     wrapper = DistillationWrapper.fitnet(teacher, student, teacher_layer="relu",
                                          student_layer="relu", student_channels=6,
-                                         teacher_channels=12)
+                                         teacher_channels=12, resize="teacher")
     regressor = wrapper.terms["fitnet"].loss.regressor
     assert {id(p) for p in regressor.parameters()} <= {
         id(p) for p in wrapper.trainable_parameters()}
@@ -243,7 +242,8 @@ def test_fitnet_preset_trains_its_regressor():
 
 
 @pytest.mark.parametrize("preset,kwargs,fn", [
-    ("attention_transfer", {"teacher_layer": "relu", "student_layer": "relu"},
+    ("attention_transfer", {"teacher_layer": "relu", "student_layer": "relu",
+                            "resize": "teacher"},
      lambda s, t: 1000 * attention_transfer_loss(
          nn.functional.interpolate(s, size=t.shape[-2:], mode="bilinear"), t)),
     ("pairwise", {"teacher_layer": "relu", "student_layer": "relu", "resize": "student"},
@@ -263,7 +263,7 @@ def test_feature_presets(preset, kwargs, fn):
 
 def test_cwd_preset_on_logits():
     teacher, student = tiny_pair()
-    wrapper = DistillationWrapper.cwd(teacher, student)
+    wrapper = DistillationWrapper.cwd(teacher, student, resize="teacher")
     x = torch.randn(2, 3, 16, 16)
     out = wrapper(x)
     t_logits = teacher(x).detach()
@@ -326,7 +326,7 @@ def test_feature_that_is_not_4d():
     teacher.head = nn.Sequential(teacher.head, teacher.flat)
     wrapper = DistillationWrapper(teacher, student, {"a": _term()}, {"t": "head.1"},
                                   {"s": "relu"})
-    with pytest.raises(ValueError, match=r"expected the teacher's feature 't' to be a 4-D "
+    with pytest.raises(ValueError, match=r"expected the teacher's layer 'head.1' to be a 4-D "
                                          r"\(B, C, H, W\) tensor, got shape \(2, 80\)"):
         wrapper(torch.randn(2, 3, 8, 8))
     assert wrapper._teacher_hooks._features == {}  # released even though the step raised
@@ -347,13 +347,21 @@ def test_batch_mismatch():
         wrapper(torch.randn(2, 3, 8, 8))
 
 
-def test_translator_channels_do_not_match_the_teacher():
+def test_translator_channels_do_not_match_the_teacher_layer():
     teacher, student = tiny_pair()
     wrapper = DistillationWrapper.knowledge_adaptation(
         teacher, student, teacher_layer="relu", student_layer="relu",
         translator=Translator(32), student_channels=6)
-    with pytest.raises(ValueError, match=r"expected translator input with 32 channels, got 12"):
+    with pytest.raises(ValueError, match=r"term 'adaptation': the teacher's layer 'relu' has 12 "
+                                         r"channels but the term was built for 32; pass the "
+                                         r"teacher_layer with 32 channels"):
         wrapper(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"the translator takes 32 channels but the teacher's "
+                                         r"layer 'relu' has 12: pass the teacher_layer the "
+                                         r"translator was trained on"):
+        DistillationWrapper.knowledge_adaptation(
+            teacher, student, teacher_layer="relu", student_layer="relu",
+            translator=Translator(32), example_input=torch.randn(1, 3, 8, 8))
 
 
 def test_student_channels_do_not_match_the_adapter():
@@ -361,5 +369,257 @@ def test_student_channels_do_not_match_the_adapter():
     wrapper = DistillationWrapper.knowledge_adaptation(
         teacher, student, teacher_layer="relu", student_layer="relu",
         translator=Translator(12), student_channels=7)
-    with pytest.raises(ValueError, match=r"expected adapter input with 7 channels, got 6"):
+    with pytest.raises(ValueError, match=r"term 'adaptation': the student's layer 'relu' has 6 "
+                                         r"channels but the term was built for 7; pass "
+                                         r"student_channels=6"):
         wrapper(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"knowledge_adaptation: student_channels=7, but the "
+                                         r"student's layer 'relu' has 6 channels on "
+                                         r"example_input; pass student_channels=6"):
+        DistillationWrapper.knowledge_adaptation(
+            teacher, student, teacher_layer="relu", student_layer="relu",
+            translator=Translator(12), student_channels=7, example_input=torch.randn(1, 3, 8, 8))
+
+
+def test_fitnet_student_channels_mismatch_names_the_term_and_argument():
+    teacher, student = tiny_pair()
+    wrapper = DistillationWrapper.fitnet(teacher, student, teacher_layer="relu",
+                                         student_layer="relu", student_channels=5,
+                                         teacher_channels=12, resize="teacher")
+    with pytest.raises(ValueError, match=r"term 'fitnet': the student's layer 'relu' has 6 "
+                                         r"channels but the term was built for 5; pass "
+                                         r"student_channels=6"):
+        wrapper(torch.randn(2, 3, 8, 8))
+
+
+# ---- channel counts from example_input ---------------------------------------------------
+
+@pytest.mark.parametrize("preset,kwargs,missing", [
+    ("knowledge_adaptation", {"translator": Translator(12)}, r"student_channels= \(the channels "
+                                                             r"at student_layer\)"),
+    ("fitnet", {}, r"student_channels= and teacher_channels= \(the channels at student_layer "
+                   r"and teacher_layer\)"),
+    ("fitnet", {"student_channels": 6}, r"fitnet needs teacher_channels= \(the channels at "
+                                        r"teacher_layer\)"),
+])
+def test_missing_channels_without_example_input(preset, kwargs, missing):
+    teacher, student = tiny_pair()
+    with pytest.raises(ValueError, match=missing + r", or example_input= \(one batch\)"):
+        getattr(DistillationWrapper, preset)(teacher, student, teacher_layer="relu",
+                                             student_layer="relu", **kwargs)
+
+
+def test_channels_read_from_example_input_before_the_optimiser_is_built():
+    teacher, student = tiny_pair()
+    teacher.train()
+    student.train()
+    wrapper = DistillationWrapper.fitnet(teacher, student, teacher_layer="relu",
+                                         student_layer="relu", resize="teacher",
+                                         example_input=torch.randn(1, 3, 8, 8))
+    regressor = wrapper.terms["fitnet"].loss.regressor
+    assert regressor.weight.shape[:2] == (12, 6)
+    assert {id(p) for p in regressor.parameters()} <= {
+        id(p) for p in wrapper.trainable_parameters()}
+    assert student.training  # the probe ran in eval mode and restored the flags
+    paper = DistillationWrapper.knowledge_adaptation(
+        *tiny_pair(), teacher_layer="relu", student_layer="relu", translator=Translator(12),
+        example_input=torch.randn(1, 3, 8, 8))
+    assert paper.terms["affinity"].student_adapter.in_channels == 6
+
+
+# ---- outputs ------------------------------------------------------------------------------
+
+class _Logits:
+    def __init__(self, logits):
+        self.logits = logits
+
+
+def _logit_models():
+    teacher, student = tiny_pair()
+    t_model = nn.Sequential(teacher, _ToDict())
+    s_model = nn.Sequential(student, _ToObject())
+    return t_model, s_model
+
+
+class _ToDict(nn.Module):
+    def forward(self, x):
+        return {"out": x, "aux": x.detach()}
+
+
+class _ToObject(nn.Module):
+    def forward(self, x):
+        return _Logits(x)
+
+
+def test_outputs_are_selected_per_side():
+    t_model, s_model = _logit_models()
+    x = torch.randn(2, 3, 16, 16)
+    automatic = DistillationWrapper.cwd(t_model, s_model, resize="teacher")
+    explicit = DistillationWrapper.cwd(t_model, s_model, resize="teacher", teacher_output="out",
+                                       student_output=lambda out: out.logits)
+    expected = 3.0 * cwd_loss(
+        nn.functional.interpolate(s_model(x).logits, size=(8, 8), mode="bilinear"),
+        t_model(x)["out"])
+    torch.testing.assert_close(automatic(x).losses["cwd"], expected)
+    torch.testing.assert_close(explicit(x).losses["cwd"], expected)
+    by_index = DistillationWrapper.kd(nn.Sequential(t_model[0], _ToTuple()), s_model,
+                                      teacher_output=1, resize="teacher")
+    assert torch.isfinite(by_index(x).loss)
+
+
+class _ToTuple(nn.Module):
+    def forward(self, x):
+        return (x.detach(), x)
+
+
+@pytest.mark.parametrize("teacher_output,error,match", [
+    (None, ValueError, r"cannot find the logits in the teacher's output: it holds tuple of 2 "
+                       r"\(\[0\] Tensor\(2, 5, 8, 8\), \[1\] Tensor\(2, 5, 8, 8\)\), "
+                       r"with no 'out' or 'logits'; pass the key, the index or a callable"),
+    (2, ValueError, r"the teacher's output has no element 2; it holds tuple of 2"),
+    ("out", ValueError, r"the teacher's output has no element 'out'; it holds tuple of 2"),
+    (lambda out: out, TypeError, r"the output selector's result for the teacher's output holds "
+                                 r"tuple of 2 \(.*\), not a tensor"),
+])
+def test_output_selection_errors(teacher_output, error, match):
+    t_model = nn.Sequential(tiny_pair()[0], _ToTuple())
+    wrapper = DistillationWrapper.kd(t_model, _logit_models()[1], teacher_output=teacher_output,
+                                     resize="teacher")
+    with pytest.raises(error, match=match):
+        wrapper(torch.randn(2, 3, 16, 16))
+
+
+def test_output_selector_type_is_checked_at_construction():
+    with pytest.raises(TypeError, match=r"expected student_output to be None, a key \(str\), an "
+                                        r"index \(int\) or a callable returning the logits, got "
+                                        r"float"):
+        DistillationWrapper.kd(*tiny_pair(), student_output=1.5)
+
+
+def test_feature_presets_ignore_outputs_they_do_not_use():
+    t_model = nn.Sequential(tiny_pair()[0], _ToTuple())  # no logits found automatically
+    wrapper = DistillationWrapper.attention_transfer(
+        t_model, tiny_pair()[1], teacher_layer="0.relu", student_layer="relu", resize="teacher")
+    assert torch.isfinite(wrapper(torch.randn(2, 3, 16, 16)).loss)
+
+
+# ---- labels -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("labels,error,match", [
+    (torch.zeros(2, 8, 8), TypeError, r"term 'kd': expected integer labels, got torch.float32"),
+    (torch.zeros(2, 1, 8, 8, dtype=torch.long), ValueError,
+     r"term 'kd': expected labels of shape \(B, H, W\) with B = 2, got shape \(2, 1, 8, 8\)"),
+    (torch.zeros(2, 16, 16, dtype=torch.long), ValueError,
+     r"term 'kd': labels on a 16 x 16 grid but the logits they mask are 8 x 8 \(after "
+     r"resize='teacher'\)"),
+    (torch.full((2, 8, 8), 5), ValueError,
+     r"term 'kd': labels must be in \[0, 5\) or ignore_index=255, got values from 5 to 5"),
+    (torch.full((2, 8, 8), -1), ValueError, r"labels must be in \[0, 5\) or ignore_index=255, "
+                                            r"got values from -1 to -1"),
+])
+def test_kd_labels_are_checked(labels, error, match):
+    wrapper = DistillationWrapper.kd(*tiny_pair(), resize="teacher")
+    with pytest.raises(error, match=match):
+        wrapper(torch.randn(2, 3, 16, 16), target=labels)
+
+
+def test_kd_labels_at_ignore_index_or_in_range_pass():
+    wrapper = DistillationWrapper.kd(*tiny_pair(), resize="teacher", ignore_index=None)
+    labels = torch.randint(0, 5, (2, 8, 8))
+    assert torch.isfinite(wrapper(torch.randn(2, 3, 16, 16), target=labels).loss)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\), got values from 0 to 255"):
+        wrapper(torch.randn(2, 3, 16, 16), target=torch.where(labels > 2, 255, labels))
+
+
+# ---- selectors on layer paths ---------------------------------------------------------------
+
+class _Pyramid(nn.Module):
+    """A backbone that returns a list and a dict, like smp encoders and torchvision's getter."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.down = nn.Conv2d(6, 6, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        a = self.stem(x)
+        return [x, a, self.down(a)]
+
+
+class _PyramidNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = _Pyramid()
+        self.head = nn.Conv2d(6, 5, 1)
+
+    def forward(self, x):
+        return {"out": self.head(self.encoder(x)[-1])}
+
+
+def test_layer_selectors_pick_the_named_element():
+    teacher, _ = tiny_pair()
+    student = _PyramidNet()
+    wrapper = DistillationWrapper.attention_transfer(teacher, student, teacher_layer="relu",
+                                                     student_layer="encoder[1]")
+    x = torch.randn(2, 3, 16, 16)
+    phi_t = teacher.relu(teacher.body(teacher.act(teacher.stem(x)))).detach()
+    expected = 1000 * attention_transfer_loss(student.encoder.stem(x), phi_t)
+    torch.testing.assert_close(wrapper(x).losses["attention"], expected)
+
+
+def test_structured_layer_without_selector_raises_with_what_it_holds():
+    wrapper = DistillationWrapper.attention_transfer(tiny_pair()[0], _PyramidNet(),
+                                                     teacher_layer="relu",
+                                                     student_layer="encoder")
+    with pytest.raises(ValueError, match=r"the student's layer 'encoder' returns list of 3 "
+                                         r"\(\[0\] Tensor\(2, 3, 16, 16\), \[1\] Tensor\(2, "
+                                         r"6, 8, 8\), \[2\] Tensor\(2, 6, 4, 4\)\), not a "
+                                         r"tensor; select one in the layer path with Python "
+                                         r"indexing .*e.g. 'encoder\[-1\]'"):
+        wrapper(torch.randn(2, 3, 16, 16))
+    assert wrapper._student_hooks._features == {}
+
+
+def test_wrong_selector_raises_at_the_first_step_with_the_written_path():
+    wrapper = DistillationWrapper.attention_transfer(tiny_pair()[0], _PyramidNet(),
+                                                     teacher_layer="relu",
+                                                     student_layer="encoder[3]")
+    with pytest.raises(ValueError, match=r"the student's layer 'encoder\[3\]' has no element 3; "
+                                         r"it holds list of 3"):
+        wrapper(torch.randn(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize("layer,match", [
+    ("encoder[x]", r"layer path 'encoder\[x\]' has an invalid selector '\[x\]'; use Python "
+                   r"indexing with an int or a quoted key"),
+    ("encoder[-1", r"invalid selector '\[-1'"),
+    ("encodr[-1]", r"_PyramidNet has no submodule 'encodr' \(in layer path 'encodr\[-1\]'\); "
+                   r"closest valid paths: 'encoder'"),
+])
+def test_bad_layer_paths_fail_at_construction(layer, match):
+    with pytest.raises(ValueError, match=match):
+        DistillationWrapper.attention_transfer(tiny_pair()[0], _PyramidNet(),
+                                               teacher_layer="relu", student_layer=layer)
+
+
+# ---- compiled and wrapped students ----------------------------------------------------------
+
+def test_export_student_unwraps_a_compiled_student():
+    teacher, student = tiny_pair()
+    wrapper = DistillationWrapper.attention_transfer(
+        teacher, torch.compile(student), teacher_layer="relu", student_layer="relu",
+        resize="teacher")
+    exported = wrapper.export_student()
+    assert type(exported) is nn.Sequential and exported is not student
+    assert set(exported.state_dict()) == set(student.state_dict())
+    assert not any(k.startswith("_orig_mod") for k in exported.state_dict())
+
+
+def test_presets_are_reachable_from_the_class_and_the_module():
+    from segdistill import presets
+
+    teacher, student = tiny_pair()
+    a = presets.kd(teacher, student, temperature=2.0)
+    b = DistillationWrapper.kd(*tiny_pair(), temperature=2.0)
+    assert type(a) is type(b) is DistillationWrapper
+    assert repr(a.terms) == repr(b.terms)

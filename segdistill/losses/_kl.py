@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -11,8 +12,16 @@ def softened_kl(student: Tensor, teacher: Tensor, temperature: float, dim: int) 
 
     The :math:`T^2` keeps gradient magnitudes comparable across temperatures
     (Hinton et al., 2015). Computed from log-probabilities, so it stays finite
-    where a probability underflows to zero.
+    where a probability underflows to zero. A class the teacher gives zero
+    probability (a ``-inf`` logit: a masked class) adds :math:`0 \log 0 = 0`,
+    with a zero gradient, instead of NaN; a NaN or a ``+inf`` logit still gives NaN.
     """
     log_p_s = F.log_softmax(student / temperature, dim=dim)
     log_p_t = F.log_softmax(teacher / temperature, dim=dim)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim) * temperature**2
+    p_t = log_p_t.exp()
+    # Where p_t == 0 both logs may be -inf: the term is 0, and the where's other
+    # branch must stay finite so that its (masked) gradient is not NaN.
+    masked = p_t == 0
+    zeros = torch.zeros_like(log_p_t)
+    terms = p_t * (torch.where(masked, zeros, log_p_t) - torch.where(masked, zeros, log_p_s))
+    return terms.sum(dim) * temperature**2

@@ -15,7 +15,7 @@ from segdistill._checks import (
 from segdistill._features import (
     RESIZE_MODES,
     Resize,
-    align_spatial,
+    align_grids,
     full_precision,
     normalize_channels,
 )
@@ -74,10 +74,14 @@ def adaptation_loss(
         p: order of the norm of the difference (default 1), at least 1.
         q: order of the normalising norm (default 2), at least 1.
         normalize: ``'position'`` or ``'sample'``, see above.
-        resize: ``'none'`` requires equal H x W; ``'student'`` or ``'teacher'``
-            bilinearly resizes the other map onto that one's grid.
-        eps: lower bound on a norm before dividing by it, so that an all-zero
-            feature vector stays zero instead of becoming NaN.
+        resize: ``'none'`` requires equal H x W up to one cell of stride rounding;
+            ``'student'`` or ``'teacher'`` bilinearly resizes the other map onto
+            that one's grid.
+        eps: lower bound on a norm before dividing by it (taken after the
+            vector is divided by its largest entry), so that an all-zero
+            feature vector stays zero instead of becoming NaN; any non-zero
+            vector is normalised exactly, at any scale (no overflow at 1e20,
+            no underflow at 1e-20). A NaN or an infinity gives NaN.
         reduction: ``'none'`` | ``'mean'`` | ``'sum'`` over the index set.
 
     Shape:
@@ -109,7 +113,7 @@ def adaptation_loss(
     check_feature_pair(student, teacher,
                        same_channels=" (an Adapter maps the student's onto the teacher's)")
     _check_options(p, q, normalize, resize, eps, reduction)
-    student, teacher = align_spatial(student, teacher, resize)
+    student, teacher = align_grids(student, teacher, resize)
 
     ctx, (x_s, x_t) = full_precision(student, teacher)
     with ctx:

@@ -1,4 +1,4 @@
-r"""Affinity distillation loss (He et al., CVPR 2019, eqs. 3-4), exact and memory-linear.
+r"""Affinity distillation loss (He et al., CVPR 2019, eqs. 3-4), memory-linear.
 
 The affinity of a feature map :math:`\psi` of shape (C, H, W) with
 :math:`N = HW` positions is the N x N matrix of scaled cosine similarities
@@ -26,13 +26,19 @@ with the Gram matrices :math:`G_{ss} = SS^\top`, :math:`G_{st} = ST^\top`,
 :math:`O(BNC^2)` time and :math:`O(B(NC + C^2))` memory instead of
 :math:`O(BN^2C)` and :math:`O(BN^2)`. The squared-Frobenius variant is cheaper
 still, because :math:`\sum_i s_i^\top G_{ss} s_i = \lVert G_{ss} \rVert_F^2`.
+
+The three terms cancel when the maps agree; the kernel
+(``segdistill/losses/_gram.py``, shared with the pair-wise loss) subtracts first
+(:math:`E = S - T`, equal channel counts) and recomputes in float64 the images
+that float32 cannot resolve, so that in float32 every method stays within
+1e-3 (value) and 1e-2 (gradient) of a float64 dense evaluation, however close
+the maps are: the bound ``tests/test_numerics.py`` checks.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
 from segdistill._checks import (
@@ -42,8 +48,9 @@ from segdistill._checks import (
     check_positive_int,
     check_real,
 )
-from segdistill._features import RESIZE_MODES, Resize, align_spatial, full_precision
+from segdistill._features import RESIZE_MODES, Resize, align_grids, full_precision
 from segdistill._reduction import Reduction, check_reduction, reduce_loss
+from segdistill.losses._gram import row_distances, squared_distance, unit_columns
 
 __all__ = ["AffinityLoss", "affinity_loss", "affinity_matrix"]
 
@@ -51,23 +58,6 @@ Distance = Literal["l2", "squared"]
 Method = Literal["auto", "dense", "linear"]
 DISTANCES: tuple[str, ...] = ("l2", "squared")
 METHODS: tuple[str, ...] = ("auto", "dense", "linear")
-
-# Rows whose squared distance falls below this many machine epsilons of the
-# (non-negative) Gram terms it was computed from are rounding noise: the true
-# value there is zero to working precision, so it counts as zero, with a zero
-# gradient, instead of feeding 1 / sqrt(noise) into the backward pass.
-_CANCELLATION_ULPS = 32.0
-
-# Upper bound on the elements of one dense row block (B x rows x N).
-_DENSE_BLOCK_ELEMENTS = 1 << 24
-
-
-def _flatten_normalized(x: Tensor, eps: float) -> Tensor:
-    """(B, C, H, W) -> (B, C, N) with each position's channel vector of unit L2 norm."""
-    flat = x.flatten(2)
-    norm = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
-    normalized: Tensor = flat / norm.clamp_min(eps)
-    return normalized
 
 
 def affinity_matrix(features: Tensor, eps: float = 1e-8) -> Tensor:
@@ -110,139 +100,8 @@ def affinity_matrix(features: Tensor, eps: float = 1e-8) -> Tensor:
     check_real("eps", eps, minimum=0.0, strict=True)
     ctx, (x,) = full_precision(features)
     with ctx:
-        s = _flatten_normalized(x, eps)
+        s = unit_columns(x.flatten(2), eps)
         return s.mT @ s / s.shape[-1]
-
-
-def _dense_is_cheaper(n: int, c_s: int, c_t: int, distance: str) -> bool:
-    """Compare multiply-add counts per image of the dense and the linear algorithm.
-
-    Dense: the two N x N products, :math:`N^2 (C_s + C_t)`. Linear: the three
-    Gram blocks, :math:`N (C_s^2 + C_s C_t + C_t^2)`, and for the row-wise L2
-    distance as much again to apply them to every position.
-    """
-    grams = c_s * c_s + c_s * c_t + c_t * c_t
-    linear = grams * n * (2 if distance == "l2" else 1)
-    dense = n * n * (c_s + c_t)
-    return dense <= linear
-
-
-def _row_distances_linear(s: Tensor, t: Tensor, distance: str) -> Tensor:
-    """Per-row distances scaled by N, from C x C Gram matrices only.
-
-    Returns :math:`N\\lVert A^s_i - A^t_i\\rVert_2` (shape (B, N)) for ``'l2'``
-    and :math:`N^2 \\sum_i \\lVert A^s_i - A^t_i\\rVert_2^2` (shape (B,)) for
-    ``'squared'``.
-    """
-    if distance == "squared":
-        g_ss = s @ s.mT
-        g_st = s @ t.mT
-        g_tt = t @ t.mT
-        # sum_i s_i' G s_i = trace(S' G S) = trace(G S S') = ||G||_F^2
-        total = g_ss.square().sum((1, 2)) - 2 * g_st.square().sum((1, 2))
-        total = total + g_tt.square().sum((1, 2))
-        return total.clamp_min(0.0)
-    rows: Tensor = _LinearRowNorms.apply(s, t)
-    return rows
-
-
-class _LinearRowNorms(torch.autograd.Function):
-    r"""Row norms :math:`d_i = \lVert S^\top s_i - T^\top t_i \rVert_2` with a hand-written
-    backward pass.
-
-    With :math:`\Delta = S^\top S - T^\top T` (N x N, never formed) and
-    :math:`w_i = \partial L / \partial r_i` for :math:`r_i = d_i^2`, the gradient is
-
-    .. math::
-
-        \frac{\partial L}{\partial S} = 2\, (S\Delta) W + 2\, (SW)\,\Delta
-            = 2\, Y_s W + 2\, (SW S^\top) S - 2\, (SW T^\top) T,
-
-    with :math:`W = \mathrm{diag}(w)` and :math:`Y_s = S\Delta = G_{ss} S - G_{st} T`,
-    which the forward pass computes anyway; the teacher's gradient is the same
-    with the roles swapped. That is four C x C x N products where autograd
-    would take six. With ``create_graph=True`` the backward pass recomputes
-    its inputs from S and T, so second derivatives are exact too.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, s: Tensor, t: Tensor) -> Tensor:
-        rows, keep, y_s, y_t = _linear_row_terms(s, t, with_y_t=ctx.needs_input_grad[1])
-        ctx.save_for_backward(s, t, y_s, y_t, rows, keep)
-        return rows
-
-    @staticmethod
-    def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        s, t, y_s, y_t, rows, keep = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # create_graph=True: recompute what the forward saved, so that the
-            # graph of this backward pass reaches s and t (exact double backward).
-            rows, keep, y_s, y_t = _linear_row_terms(s, t, with_y_t=ctx.needs_input_grad[1])
-        # dL/dr_i = g_i / (2 d_i), zero where the row counted as zero
-        w = torch.where(keep, grad_rows / torch.where(keep, 2 * rows, torch.ones_like(rows)),
-                        torch.zeros_like(rows)).unsqueeze(1)
-        grad_s = grad_t = None
-        if ctx.needs_input_grad[0]:
-            sw = s * w
-            grad_s = torch.baddbmm(y_s * w, sw @ s.mT, s)
-            grad_s = 2.0 * torch.baddbmm(grad_s, sw @ t.mT, t, alpha=-1.0)
-        if ctx.needs_input_grad[1]:
-            tw = t * w
-            grad_t = torch.baddbmm(y_t * w, tw @ t.mT, t)
-            grad_t = 2.0 * torch.baddbmm(grad_t, tw @ s.mT, s, alpha=-1.0)
-        return grad_s, grad_t
-
-
-def _linear_row_terms(s: Tensor, t: Tensor, with_y_t: bool
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Row norms, the mask of rows above rounding noise, :math:`S\\Delta` and
-    (if asked) :math:`-T\\Delta`, from six C x C x N products at most."""
-    g_ss = s @ s.mT
-    g_st = s @ t.mT
-    p_ss = g_ss @ s  # G_ss s_i for every i
-    p_st = g_st @ t  # G_st t_i
-    q_tt = (t @ t.mT) @ t  # G_tt t_i
-    with torch.no_grad():  # the size of the cancelling terms a_i + c_i
-        a = (p_ss * s).sum(1)
-    c = (q_tt * t).sum(1)
-    y_s = p_ss - p_st  # S Delta
-    r = (y_s * s).sum(1) - (p_st * s).sum(1) + c
-    # Rows whose value is rounding noise of the cancelling terms count as 0.
-    keep = r.detach() > _CANCELLATION_ULPS * torch.finfo(r.dtype).eps * (a + c.detach())
-    # Double where: the square root never sees a non-positive argument.
-    rows = torch.where(keep, torch.where(keep, r, torch.ones_like(r)).sqrt(),
-                       torch.zeros_like(r))
-    y_t = q_tt - g_st.mT @ s if with_y_t else None  # T (-Delta)
-    return rows, keep, y_s, y_t
-
-
-def _row_distances_dense(s: Tensor, t: Tensor, distance: str, chunk_size: int | None) -> Tensor:
-    """The same quantities as :func:`_row_distances_linear`, from blocks of N x N rows."""
-    batch, _, n = s.shape
-    rows = chunk_size or max(1, _DENSE_BLOCK_ELEMENTS // max(1, batch * n))
-    parts = []
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        diff = s[:, :, start:stop].mT @ s - t[:, :, start:stop].mT @ t
-        if distance == "squared":
-            parts.append(diff.square().sum((1, 2)))
-        else:
-            parts.append(torch.linalg.vector_norm(diff, dim=-1))
-    if distance == "squared":
-        return torch.stack(parts).sum(0)
-    return torch.cat(parts, dim=1)
-
-
-def _row_distances(
-    s: Tensor, t: Tensor, distance: str, method: str, chunk_size: int | None
-) -> Tensor:
-    """Dispatch to the dense or the linear algorithm (``method='auto'``: by cost)."""
-    use_dense = method == "dense" or (
-        method == "auto" and _dense_is_cheaper(s.shape[-1], s.shape[1], t.shape[1], distance)
-    )
-    if use_dense:
-        return _row_distances_dense(s, t, distance, chunk_size)
-    return _row_distances_linear(s, t, distance)
 
 
 def _check_options(
@@ -286,12 +145,15 @@ def affinity_loss(
     maps may have different channel counts; their affinities are N x N either
     way.
 
-    ``method='linear'`` computes this exactly from C x C Gram matrices and
-    never allocates an N x N tensor (see the module docstring);
+    ``method='linear'`` computes this from C x C Gram matrices and never
+    allocates an N x N tensor (see the module docstring);
     ``method='dense'`` builds the affinity rows explicitly, in row blocks;
     ``method='auto'`` picks whichever needs fewer multiply-adds for the shapes
     at hand (linear unless the channel count is comparable to N or larger).
-    All methods compute in float32 at least, with autocast disabled.
+    All methods compute in float32 at least, with autocast disabled, to
+    within 1e-3 of a float64 dense evaluation even where the maps nearly agree
+    (see the docs' affinity guide). A NaN or an infinity in an image gives that
+    image a NaN loss.
 
     Args:
         student: the student's (adapted) feature map.
@@ -299,13 +161,15 @@ def affinity_loss(
         distance: ``'l2'`` for the paper's row-wise L2 distance, ``'squared'``
             for its square (a squared-Frobenius loss, smooth everywhere).
         method: ``'auto'``, ``'dense'`` or ``'linear'``; all give the same value.
-        resize: the maps must share H x W unless this is ``'student'`` (resize
-            the teacher's map bilinearly onto the student's grid) or
-            ``'teacher'`` (the other way round). Nothing is resized silently.
+        resize: the maps must share H x W (up to one cell of stride rounding)
+            unless this is ``'student'`` (resize the teacher's map bilinearly
+            onto the student's grid) or ``'teacher'`` (the other way round).
         chunk_size: rows per block for the dense method; by default blocks of
             at most :math:`2^{24}` elements.
-        eps: lower bound on a position's norm before normalising, so that an
-            all-zero feature vector gives zero affinities instead of NaN.
+        eps: lower bound on a position's norm, after the vector is divided by
+            its largest entry, so that an all-zero feature vector gives zero
+            affinities instead of NaN; every non-zero vector is normalised
+            exactly, whatever its scale.
         reduction: ``'none'`` | ``'mean'`` | ``'sum'`` over the batch.
 
     Shape:
@@ -336,17 +200,18 @@ def affinity_loss(
     """
     check_feature_pair(student, teacher)
     _check_options(distance, method, resize, chunk_size, eps, reduction)
-    student, teacher = align_spatial(student, teacher, resize)
+    student, teacher = align_grids(student, teacher, resize)
 
     ctx, (x_s, x_t) = full_precision(student, teacher)
     with ctx:
-        s = _flatten_normalized(x_s, eps)
-        t = _flatten_normalized(x_t, eps)
-        n = s.shape[-1]
-        rows = _row_distances(s, t, distance, method, chunk_size)
-        # 'squared' rows: (B,) of N^2 sum_i ||A^s_i - A^t_i||^2; 'l2' rows: (B, N) of
-        # N ||A^s_i - A^t_i||
-        per_image = rows / n**3 if distance == "squared" else rows.mean(dim=1) / n
+        x_s, x_t = x_s.flatten(2), x_t.flatten(2)
+        n = x_s.shape[-1]
+        if distance == "squared":  # N^2 sum_i ||A^s_i - A^t_i||^2 per image
+            total = squared_distance(x_s, x_t, eps=eps, method=method, chunk_size=chunk_size)
+            per_image = total / n**3
+        else:  # N ||A^s_i - A^t_i|| per image and row
+            rows = row_distances(x_s, x_t, eps=eps, method=method, chunk_size=chunk_size)
+            per_image = rows.mean(dim=1) / n
         return reduce_loss(per_image, reduction)
 
 

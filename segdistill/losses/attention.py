@@ -2,6 +2,7 @@ r"""Attention transfer (Zagoruyko and Komodakis, ICLR 2017)."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from segdistill._checks import (
@@ -13,7 +14,7 @@ from segdistill._checks import (
 from segdistill._features import (
     RESIZE_MODES,
     Resize,
-    align_spatial,
+    align_grids,
     full_precision,
     normalize_channels,
 )
@@ -23,8 +24,15 @@ __all__ = ["AttentionTransferLoss", "attention_map", "attention_transfer_loss"]
 
 
 def _attention_map(x: Tensor, p: float, eps: float) -> Tensor:
-    """(B, C, H, W) -> (B, HW): channel mean of |x|^p, each row L2-normalised."""
-    return normalize_channels(x.abs().pow(p).mean(1).flatten(1), dim=1, eps=eps)
+    """(B, C, H, W) -> (B, HW): channel mean of |x|^p, each row L2-normalised.
+
+    The map is scale-invariant, so each image is first divided by its largest
+    absolute entry: :math:`|x|^p` then cannot overflow, whatever ``p``.
+    """
+    scale = x.detach().abs().amax(dim=(1, 2, 3), keepdim=True)
+    # a zero map keeps scale 1; NaN > 0 is False, so NaN stays; inf / inf is NaN
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return normalize_channels((x / scale).abs().pow(p).mean(1).flatten(1), dim=1, eps=eps)
 
 
 def attention_map(features: Tensor, p: float = 2.0, eps: float = 1e-8) -> Tensor:
@@ -113,8 +121,9 @@ def attention_transfer_loss(
         student: the student's features.
         teacher: the teacher's features.
         p: the power in :math:`Q` (default 2), at least 1.
-        resize: ``'none'`` requires equal H x W; ``'student'`` or ``'teacher'``
-            bilinearly resizes the other map onto that one's grid.
+        resize: ``'none'`` requires equal H x W up to one cell of stride rounding;
+            ``'student'`` or ``'teacher'`` bilinearly resizes the other map onto
+            that one's grid.
         eps: lower bound on a map's norm before dividing, so that an all-zero
             map stays zero instead of becoming NaN.
         reduction: ``'none'`` (per image) | ``'mean'`` | ``'sum'`` over the batch.
@@ -142,7 +151,7 @@ def attention_transfer_loss(
     """
     check_feature_pair(student, teacher)
     _check_options(p, resize, eps, reduction)
-    student, teacher = align_spatial(student, teacher, resize)
+    student, teacher = align_grids(student, teacher, resize)
     ctx, (s, t) = full_precision(student, teacher)
     with ctx:
         per_image = (_attention_map(s, p, eps) - _attention_map(t, p, eps)).square().mean(1)

@@ -9,7 +9,7 @@ from segdistill._checks import (
     check_feature_pair,
     check_real,
 )
-from segdistill._features import RESIZE_MODES, Resize, align_spatial, full_precision
+from segdistill._features import RESIZE_MODES, Resize, align_grids, full_precision
 from segdistill._reduction import Reduction, check_reduction, reduce_loss
 from segdistill.losses._kl import softened_kl
 
@@ -55,8 +55,9 @@ def cwd_loss(
         teacher: the teacher's map, with the same channels.
         temperature: :math:`T > 0` (default 4; the authors' released configs
             for logits also use 1, so it is worth tuning).
-        resize: ``'none'`` requires equal H x W; ``'student'`` or ``'teacher'``
-            bilinearly resizes the other map onto that one's grid.
+        resize: ``'none'`` requires equal H x W up to one cell of stride rounding;
+            ``'student'`` or ``'teacher'`` bilinearly resizes the other map onto
+            that one's grid.
         reduction: ``'none'`` (per image) | ``'mean'`` | ``'sum'`` over the batch.
 
     Shape:
@@ -83,7 +84,7 @@ def cwd_loss(
     """
     check_feature_pair(student, teacher, same_channels="")
     _check_options(temperature, resize, reduction)
-    student, teacher = align_spatial(student, teacher, resize)
+    student, teacher = align_grids(student, teacher, resize)
     ctx, (s, t) = full_precision(student, teacher)
     with ctx:
         kl = softened_kl(s.flatten(2), t.flatten(2), temperature, dim=-1)  # (B, C)

@@ -2,7 +2,6 @@ r"""FitNet hints: the student's features regressed onto the teacher's (Romero et
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segdistill._checks import (
@@ -10,8 +9,8 @@ from segdistill._checks import (
     check_feature_pair,
     check_positive_int,
 )
-from segdistill._features import full_precision
-from segdistill._reduction import Reduction, check_reduction, reduce_loss
+from segdistill._features import align_grids, full_precision
+from segdistill._reduction import Reduction, check_reduction, nan_where_nonfinite, reduce_loss
 
 __all__ = ["FitNetLoss", "fitnet_loss"]
 
@@ -65,9 +64,8 @@ def fitnet_loss(student: Tensor, teacher: Tensor, *, reduction: Reduction = "mea
     check_reduction(reduction)
     ctx, (s, t) = full_precision(student, teacher)
     with ctx:
-        if s.shape[-2:] != t.shape[-2:]:
-            s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
-        return reduce_loss((s - t).square(), reduction)
+        s, t = align_grids(s, t, "teacher")  # FitNet's definition: onto the teacher's grid
+        return reduce_loss(nan_where_nonfinite((s - t).square(), s, t), reduction)
 
 
 class FitNetLoss(nn.Module):

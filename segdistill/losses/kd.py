@@ -12,8 +12,8 @@ from segdistill._checks import (
     check_same_batch,
     check_same_device,
 )
-from segdistill._features import full_precision
-from segdistill._reduction import Reduction, check_reduction, reduce_loss
+from segdistill._features import align_grids, full_precision
+from segdistill._reduction import Reduction, check_reduction, nan_where_nonfinite, reduce_loss
 from segdistill.losses._kl import softened_kl
 
 __all__ = ["KDLoss", "kd_loss"]
@@ -132,12 +132,13 @@ def kd_loss(
 
     ctx, (s, t) = full_precision(student, teacher)
     with ctx:
-        if tuple(s.shape[-2:]) != size:
-            s = F.interpolate(s, size=size, mode="bilinear", align_corners=False)
+        s, t = align_grids(s, t, "teacher")  # KD's definition: onto the teacher's grid
         kl = softened_kl(s, t, temperature, dim=1)
         if valid is None:
             return reduce_loss(kl, reduction)
-        kl = torch.where(valid, kl, torch.zeros_like(kl))
+        # the mask must not hide a NaN or +inf logit (at an ignored pixel, say)
+        kl = nan_where_nonfinite(torch.where(valid, kl, torch.zeros_like(kl)), s, t,
+                                 allow_neg_inf=True)
         if reduction == "mean":
             return kl.sum() / valid.sum().clamp_min(1)
         return reduce_loss(kl, reduction)

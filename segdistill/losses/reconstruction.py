@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from segdistill._checks import check_feature_map, check_real, check_same_batch, check_same_device
 from segdistill._features import full_precision
-from segdistill._reduction import Reduction, check_reduction, reduce_loss
+from segdistill._reduction import Reduction, check_reduction, nan_where_nonfinite, reduce_loss
 
 __all__ = ["ReconstructionLoss", "reconstruction_loss"]
 
@@ -81,7 +81,7 @@ def reconstruction_loss(
     with ctx:
         error = (x - y).square().flatten(1).mean(1)
         sparsity = z.abs().flatten(1).mean(1)
-        return reduce_loss(error + alpha * sparsity, reduction)
+        return reduce_loss(nan_where_nonfinite(error + alpha * sparsity, x, y, z), reduction)
 
 
 class ReconstructionLoss(nn.Module):

@@ -1,7 +1,0 @@
-"""``python -m segdistill.demo``."""
-
-import sys
-
-from segdistill.demo.run import main
-
-sys.exit(main())

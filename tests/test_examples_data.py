@@ -1,0 +1,272 @@
+"""The examples' datasets: Pascal Context on a tree that copies the real layout, and a clear
+error naming the file for every broken sample (labels of another size, values outside the
+classes, 16-bit values, RGB labels, unreadable files)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+PIL = pytest.importorskip("PIL.Image")
+
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # for `examples`
+
+from examples.segmentation import stages  # noqa: E402
+from examples.segmentation.cli import main  # noqa: E402
+from examples.segmentation.config import CONFIGS  # noqa: E402
+from examples.segmentation.data import (  # noqa: E402
+    DATASETS,
+    PASCAL_CONTEXT_CLASSES,
+    LabelRule,
+    SegmentationFiles,
+    cityscapes_train_ids,
+    pascal_context,
+    voc,
+)
+
+H, W = 20, 24
+
+
+def _image(path: Path, h: int = H, w: int = W, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    PIL.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def _palette_png(path: Path, label: np.ndarray) -> None:
+    img = PIL.fromarray(label.astype(np.uint8))
+    img.putpalette([v for c in range(256) for v in (c, 0, 255 - c)])  # 'L' becomes 'P'
+    img.save(path)
+
+
+def make_voc(root: Path, n: int = 2) -> tuple[Path, list[str]]:
+    base = root / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug",
+                "ImageSets/Segmentation"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    ids = [f"2007_{i:06d}" for i in range(n)]
+    rng = np.random.default_rng(0)
+    for k, i in enumerate(ids):
+        _image(base / "JPEGImages" / f"{i}.jpg", seed=k)
+        label = rng.choice([0, 1, 20, 255], size=(H, W))
+        for folder in ("SegmentationClass", "SegmentationClassAug"):
+            _palette_png(base / folder / f"{i}.png", label)
+    for split in ("train_aug", "val"):
+        (base / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root, ids
+
+
+def make_pascal_context(root: Path, n_train: int = 3, n_val: int = 2) -> Path:
+    """VOCdevkit/VOC2010 with mmsegmentation's 59-class labels: 'L' PNGs, 0 background."""
+    base = root / "VOCdevkit" / "VOC2010"
+    for sub in ("JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    ids = [f"2008_{i:06d}" for i in range(n_train + n_val)]
+    rng = np.random.default_rng(1)
+    for k, i in enumerate(ids):
+        h, w = H + k, W - k
+        _image(base / "JPEGImages" / f"{i}.jpg", h, w, seed=k)
+        label = rng.choice([0, 1, 2, 30, 59, 255], size=(h, w)).astype(np.uint8)
+        PIL.fromarray(label).save(base / "SegmentationClassContext" / f"{i}.png")
+    lists = base / "ImageSets" / "SegmentationContext"
+    (lists / "train.txt").write_text("\n".join(ids[:n_train]) + "\n")
+    (lists / "val.txt").write_text("\n".join(ids[n_train:]) + "\n")
+    return root
+
+
+def _voc_label(root: Path, i: str) -> Path:
+    return root / "VOCdevkit" / "VOC2012" / "SegmentationClass" / f"{i}.png"
+
+
+# ---- Pascal Context ------------------------------------------------------------------------
+
+def test_pascal_context_loads_and_reduces_the_zero_label(tmp_path):
+    root = make_pascal_context(tmp_path)
+    val = pascal_context(root, "val", train=False, crop=16)
+    assert len(val) == 2 and len(pascal_context(root, "train", train=False, crop=16)) == 3
+    assert val.num_classes == 59 == len(PASCAL_CONTEXT_CLASSES)
+    for index, (image_path, label_path) in enumerate(val.pairs):
+        image, label = val.load(index)
+        raw = np.asarray(PIL.open(label_path)).astype(np.int64)
+        assert image.shape[-2:] == label.shape == raw.shape and label.dtype == torch.long
+        expected = np.where((raw == 0) | (raw == 255), 255, raw - 1)  # reduce_zero_label
+        assert (label.numpy() == expected).all()
+        assert image_path.name == label_path.with_suffix(".jpg").name
+    assert set(np.unique(val[0][1].numpy())) == {0, 1, 29, 58, 255}
+
+
+def test_pascal_context_training_crops(tmp_path):
+    data = pascal_context(make_pascal_context(tmp_path), "train", train=True, crop=16)
+    image, label = data[4]
+    assert image.shape == (3, 16, 16) and label.shape == (16, 16)
+    assert set(np.unique(label.numpy())) <= {0, 1, 29, 58, 255}
+
+
+def test_pascal_context_is_a_pipeline_dataset(tmp_path):
+    config = CONFIGS["pascal_context"]
+    assert (config.num_classes, config.crop, config.train_split, config.val_split) == \
+        (59, 513, "train", "val")
+    assert config.student_steps == config.teacher_steps == config.distill_steps == 30_000
+    factory, classes = DATASETS["pascal_context"]
+    assert factory is pascal_context and len(classes) == 59
+    run = stages.Run(config, make_pascal_context(tmp_path), tmp_path / "runs",
+                     torch.device("cpu"))
+    data = stages.dataset(run, train=False)  # the stage passes the config's num_classes
+    assert data.num_classes == 59 and data.label_map == "reduce_zero" and len(data) == 2
+
+
+@pytest.mark.slow
+def test_pascal_context_student_end_to_end(tmp_path, capsys):
+    root, out = make_pascal_context(tmp_path / "data"), tmp_path / "runs"
+    args = ["--dataset", "pascal_context", "--root", str(root), "--out", str(out),
+            "--no-pretrained", "--crop", "32", "--batch-size", "2", "--student-steps", "2",
+            "--workers", "0", "--log-every", "1", "--no-progress", "--device", "cpu"]
+    assert main(["student", *args]) == 0
+    assert main(["evaluate", "--models", "student", *args]) == 0
+    result = json.loads((out / "student" / "eval.json").read_text())
+    assert list(result["iou"]) == list(PASCAL_CONTEXT_CLASSES)
+    assert 0.0 <= result["miou"] <= 1.0
+    assert "| wood |" in capsys.readouterr().out
+
+
+def test_pascal_context_missing_parts_are_named(tmp_path):
+    root = make_pascal_context(tmp_path)
+    base = root / "VOCdevkit" / "VOC2010"
+    with pytest.raises(FileNotFoundError, match=r"missing .*SegmentationContext.test\.txt "
+                                                r"\(the test image list\)"):
+        pascal_context(root, "test", train=False, crop=16)
+    (base / "SegmentationClassContext" / "2008_000004.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 files of the val list are missing, e\.g\. "
+                                                r".*2008_000004\.png"):
+        pascal_context(root, "val", train=False, crop=16)
+    (base / "SegmentationClassContext").rename(base / "labels")
+    with pytest.raises(FileNotFoundError, match=r"SegmentationClassContext \(the Pascal "
+                                                r"Context labels\)"):
+        pascal_context(root, "val", train=False, crop=16)
+
+
+def test_pascal_context_label_above_59(tmp_path):
+    root = make_pascal_context(tmp_path)
+    path = root / "VOCdevkit" / "VOC2010" / "SegmentationClassContext" / "2008_000003.png"
+    label = np.asarray(PIL.open(path)).copy()
+    label[0, :3] = 60
+    PIL.fromarray(label).save(path)
+    with pytest.raises(ValueError, match=r"2008_000003\.png has 3 pixels with invalid values "
+                                         r"\(60\); expected 0 \(background, ignored\), "
+                                         r"classes 1\.\.59 or 255"):
+        pascal_context(root, "val", train=False, crop=16)[0]
+
+
+# ---- label checks --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("train", [False, True])
+def test_label_of_another_size_names_both_files(tmp_path, train):
+    root, ids = make_voc(tmp_path)
+    folder = "SegmentationClassAug" if train else "SegmentationClass"
+    _palette_png(root / "VOCdevkit" / "VOC2012" / folder / f"{ids[1]}.png",
+                 np.zeros((H + 2, W), dtype=np.uint8))
+    data = voc(root, "train_aug" if train else "val", train=train, crop=16)
+    data[0]  # the other sample is fine
+    with pytest.raises(ValueError, match=rf"label .*{ids[1]}\.png is 22 x 24 \(H x W\) but its "
+                                         rf"image .*{ids[1]}\.jpg is 20 x 24; expected a label "
+                                         "of the image's size"):
+        data[1]  # in training this was silently stretched to the image
+
+
+def test_label_value_outside_the_classes_names_the_file(tmp_path):
+    root, ids = make_voc(tmp_path)
+    label = np.zeros((H, W), dtype=np.uint8)
+    label[3, 4], label[5, 6:8] = 77, 21
+    _palette_png(_voc_label(root, ids[0]), label)
+    with pytest.raises(ValueError, match=rf"{ids[0]}\.png has 3 pixels with invalid values "
+                                         r"\(21, 77\); expected class indices 0\.\.20 or 255 "
+                                         r"\(ignored\)"):
+        voc(root, "val", train=False, crop=16)[0]
+
+
+# 16-bit PNGs open as 'I;16' (as 'I' in older Pillow); 32-bit 'I' has no PNG form: a TIFF
+# under the .png name stands in for it (Pillow reads by content)
+@pytest.mark.parametrize("dtype,fmt,mode", [(np.uint16, "PNG", "I;16"), (np.int32, "TIFF", "I")])
+def test_wide_labels_are_read_without_wrapping(tmp_path, dtype, fmt, mode):
+    root, ids = make_voc(tmp_path)
+    label = np.zeros((H, W), dtype=dtype)
+    label[0, 0], label[1, 1] = 20, 255
+    PIL.fromarray(label).save(_voc_label(root, ids[0]), format=fmt)
+    assert PIL.open(_voc_label(root, ids[0])).mode == mode
+    data = voc(root, "val", train=False, crop=16)
+    loaded = data.load(0)[1]
+    assert loaded[0, 0] == 20 and loaded[1, 1] == 255 and loaded.sum() == 275
+    label[2, 2] = 300  # a uint8 cast made this 44, a valid class
+    PIL.fromarray(label).save(_voc_label(root, ids[0]), format=fmt)
+    with pytest.raises(ValueError, match=rf"{ids[0]}\.png has 1 pixels with invalid values "
+                                         r"\(300\); expected class indices 0\.\.20"):
+        data[0]
+
+
+def test_negative_and_mixed_invalid_values_in_a_wide_label():
+    rule = LabelRule(21)
+    raw = np.array([[-1, 0, 256], [21, 20, 255]], dtype=np.int32)
+    with pytest.raises(ValueError, match=r"x\.png has 3 pixels with invalid values "
+                                         r"\(-1, 21, 256\)"):
+        rule(raw, "x.png")
+    assert rule(raw[:, 1:2], "x.png").tolist() == [[0], [20]]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA"])
+def test_colour_label_asks_for_an_index_png(tmp_path, mode):
+    root, ids = make_voc(tmp_path)
+    PIL.new(mode, (W, H)).save(_voc_label(root, ids[0]))
+    with pytest.raises(ValueError, match=rf"label .*{ids[0]}\.png is a '{mode}' image; expected "
+                                         r"a single-channel index PNG .*palette \('P'\) or "
+                                         r"grayscale \('L'\)"):
+        voc(root, "val", train=False, crop=16)[0]
+
+
+def test_grayscale_and_palette_labels_are_equal(tmp_path):
+    root, ids = make_voc(tmp_path)
+    data = voc(root, "val", train=False, crop=16)
+    path = _voc_label(root, ids[0])
+    assert PIL.open(path).mode == "P"
+    palette = data.load(0)[1]
+    PIL.fromarray(np.asarray(PIL.open(path))).save(path)  # the same indices as 'L'
+    assert PIL.open(path).mode == "L"
+    assert torch.equal(data.load(0)[1], palette)
+    assert set(np.unique(palette.numpy())) == {0, 1, 20, 255}
+
+
+@pytest.mark.parametrize("what", ["image", "label"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unreadable_files_are_named(tmp_path, what, damage):
+    root, ids = make_voc(tmp_path)
+    base = root / "VOCdevkit" / "VOC2012"
+    path = base / "JPEGImages" / f"{ids[0]}.jpg" if what == "image" else _voc_label(root, ids[0])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not an image" * 9)
+    with pytest.raises(OSError, match=rf"cannot read the {what} .*{ids[0]}\.(jpg|png) \("):
+        voc(root, "val", train=False, crop=16)[0]
+
+
+def test_cityscapes_label_ids_outside_the_table(tmp_path):
+    rule = LabelRule(19, "cityscapes")
+    ids = np.array([[0, 7, 33], [255, 26, 24]], dtype=np.uint8)
+    assert rule(ids, "a.png").tolist() == [[255, 0, 18], [255, 13, 11]]
+    assert (cityscapes_train_ids(ids) == rule(ids, "a.png")).all()
+    with pytest.raises(ValueError, match=r"b\.png has 1 pixels with invalid values \(40\); "
+                                         r"expected Cityscapes labelIds 0\.\.33 or 255"):
+        rule(np.array([[7, 40]], dtype=np.uint8), "b.png")
+
+
+def test_label_rule_arguments():
+    with pytest.raises(ValueError, match=r"gives 19 train ids, got num_classes=21"):
+        LabelRule(21, "cityscapes")
+    with pytest.raises(ValueError, match=r"label_map must be None or one of \('cityscapes', "
+                                         r"'reduce_zero'\), got 'ade'"):
+        LabelRule(150, "ade")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"num_classes must be in \[1, 254\], got 255"):
+        LabelRule(255, "reduce_zero")
+    with pytest.raises(TypeError, match="num_classes"):
+        SegmentationFiles([(Path("a.jpg"), Path("a.png"))], False, 16)  # type: ignore[call-arg]
