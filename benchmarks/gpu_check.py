@@ -288,14 +288,10 @@ def _has_onnx() -> bool:
 # ---- the driver ------------------------------------------------------------------------------
 
 def machine(device: str) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    sys.path.append(str(REPO))  # for `examples`
+    from examples.segmentation.profiling import cpu_model
+
+    cpu = cpu_model()
     gpu = ""
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)

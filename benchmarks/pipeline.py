@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import platform
 import shlex
 import statistics
 import sys
@@ -59,6 +58,7 @@ sys.path.append(str(REPO))  # for `examples`
 
 from examples.segmentation import models  # noqa: E402
 from examples.segmentation.config import TeacherLayer  # noqa: E402
+from examples.segmentation.profiling import cpu_model  # noqa: E402
 from segdistill import (  # noqa: E402
     DistillationWrapper,
     FeatureHooks,
@@ -117,16 +117,6 @@ def _alternate(steps: dict[str, Callable[[], object]], rounds: int,
         for name, step in steps.items():
             seconds[name].append(timed(step))
     return seconds
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 def _sgd(params: object) -> torch.optim.SGD:
@@ -395,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(args)
     device = bench.device
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"{_cpu_model()}, {torch.get_num_threads()} torch threads")
+            else f"{cpu_model()}, {torch.get_num_threads()} torch threads")
     command = shlex.join(["python", *sys.argv] if argv is None else
                          ["python", "benchmarks/pipeline.py", *argv])
     head = (f"{name}; torch {torch.__version__}; batch {args.batch} of {args.size[0]} x "

@@ -4,13 +4,27 @@
 from __future__ import annotations
 
 import logging
+import platform
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_flops", "count_parameters", "throughput"]
+__all__ = ["count_flops", "count_parameters", "cpu_model", "throughput"]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, else :func:`platform.processor`), for the
+    machine line of every result."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def count_parameters(model: nn.Module) -> int:

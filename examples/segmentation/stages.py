@@ -525,16 +525,8 @@ def visualize(run: Run, shown: Sequence[str] | Mapping[str, str], count: int = 4
 
 def machine() -> dict[str, Any]:
     """The CPU, the threads torch uses, and the versions: the footer of every result."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {"cpu": profiling.cpu_model(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def footer(seconds: float) -> str:
