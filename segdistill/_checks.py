@@ -22,7 +22,6 @@ __all__ = [
     "check_real",
     "check_same_batch",
     "check_same_device",
-    "check_same_spatial",
     "check_shape",
     "compute_dtype",
 ]
@@ -123,16 +122,6 @@ def check_same_batch(a: Tensor, b: Tensor, names: tuple[str, str]) -> None:
         raise ValueError(
             f"expected {names[0]} and {names[1]} with the same batch size, "
             f"got {a.shape[0]} and {b.shape[0]}"
-        )
-
-
-def check_same_spatial(a: Tensor, b: Tensor, names: tuple[str, str]) -> None:
-    """Raise ``ValueError`` when two (B, C, H, W) maps disagree on H x W."""
-    if a.shape[-2:] != b.shape[-2:]:
-        raise ValueError(
-            f"expected {names[0]} and {names[1]} features on the same H x W, got "
-            f"{tuple(a.shape[-2:])} and {tuple(b.shape[-2:])}; pass resize='student' or "
-            f"resize='teacher' to interpolate one onto the other's grid"
         )
 
 
