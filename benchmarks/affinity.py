@@ -30,18 +30,30 @@ exist. Dense cases whose estimated need (about 6 N x N float32 matrices per
 image) exceeds ``--memory-budget-gb`` are skipped, and a subprocess that dies
 (for instance killed for memory) shows as "failed" in the table.
 
+``--in-process`` measures every case in this one process instead, which saves a
+start-up (and on CUDA a context) per case: on CUDA the peak stays each case's own
+(``torch.cuda.reset_peak_memory_stats`` before it); on the CPU the kernel's peak
+resident set size is reset before each case (``/proc/self/clear_refs``, Linux),
+which undercounts memory that an earlier case freed but the allocator kept, and
+is "n/a" where it cannot be reset. A case that fails (out of memory) shows as
+"failed", and the others still run. ``--markdown`` and ``--json`` are rewritten
+after each shape, so that a run stopped half-way leaves the rows it finished.
+
 Run from the repository root:
 
     python benchmarks/affinity.py                 # the default cases, on the CPU
     python benchmarks/affinity.py --device cuda   # the same on a GPU
     python benchmarks/affinity.py --quick         # 32 x 32 only, a smoke test
     python benchmarks/affinity.py --json results.json --distance squared
+    python benchmarks/affinity.py --device cuda --in-process   # one CUDA context
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -107,7 +119,26 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
+    """The peak resident set size since the process started or :func:`_reset_peak_rss`."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the peak resident set size (VmHWM) to the current one; whether it could
+    (Linux 4.0 and later)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def fused_affinity_loss(student: torch.Tensor, teacher: torch.Tensor,
@@ -165,17 +196,17 @@ def matmul_products(case: Case) -> list[tuple[tuple[int, ...], tuple[int, ...]]]
     """The operand shapes of the batched products the linear path runs for ``case``.
 
     Equal channel counts C, teacher frozen. Row-wise L2 (``segdistill.losses._gram``):
-    three C x C Grams (T T', T E', E E'), the stacked 2C x 2C Gram applied to
-    [E; S], and in the backward pass (S Gamma) [T; E]' and its product with [E; S]:
-    11 C^2 N multiply-adds. Squared Frobenius (the pair-wise loss): three Grams
-    and two backward products, 5 C^2 N.
+    three C x C Grams (T T', T E', E E'), a 2C x 2C matrix of them applied to
+    [T; E], and in the backward pass (S Gamma) [T; E]' and a C x 2C matrix applied
+    to [T; E]: 11 C^2 N multiply-adds. Squared Frobenius (the pair-wise loss): three
+    Grams and, backward, one C x 2C matrix applied to [T; E], 5 C^2 N.
     """
     b, c, n = case.batch, case.channels, case.n
     gram = ((b, c, n), (b, n, c))
     if case.loss == "affinity" and case.distance == "l2":
         return [gram] * 3 + [((b, 2 * c, 2 * c), (b, 2 * c, n)),
                              ((b, c, n), (b, n, 2 * c)), ((b, c, 2 * c), (b, 2 * c, n))]
-    return [gram] * 3 + [((b, c, c), (b, c, n))] * 2
+    return [gram] * 3 + [((b, c, 2 * c), (b, 2 * c, n))]
 
 
 def _timed(fn: Callable[[], None], cuda: bool) -> float:
@@ -204,9 +235,11 @@ def matmul_bound(case: Case, step: Callable[[], None]) -> dict[str, float]:
             "bound_ratio": statistics.median(p[0] / p[1] for p in pairs)}
 
 
-def measure(case: Case) -> dict[str, float]:
+def measure(case: Case, fresh: bool = True) -> dict[str, float]:
     """Time and peak extra memory of forward + backward for one case, in this process;
-    for the linear method also its matmul bound."""
+    for the linear method also its matmul bound. ``fresh``: the process measures no
+    other case (on the CPU its peak memory is then its own even where the kernel's
+    peak cannot be reset; otherwise it is NaN there)."""
     cuda = case.device.startswith("cuda")
     step = _make_step(case)
     _sync(cuda)
@@ -215,6 +248,8 @@ def measure(case: Case) -> dict[str, float]:
         torch.cuda.reset_peak_memory_stats()
     else:
         base = _rss_bytes()
+        if not _reset_peak_rss() and not fresh:
+            base = -1  # earlier cases' peak: unknown
     step()  # warm-up: one-off allocations and kernel selection stay out of the timings
     _sync(cuda)
     times = []
@@ -224,7 +259,8 @@ def measure(case: Case) -> dict[str, float]:
         _sync(cuda)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
-    result = {"seconds": statistics.median(times), "peak_extra_bytes": max(peak - base, 0)}
+    extra = math.nan if base < 0 else float(max(peak - base, 0))
+    result = {"seconds": statistics.median(times), "peak_extra_bytes": extra}
     if case.method == "linear":  # after the peak: its operands are not the loss's memory
         result.update(matmul_bound(case, step))
     return result
@@ -248,10 +284,28 @@ def _failure(proc: subprocess.CompletedProcess[str]) -> str:
     return f"failed ({lines[-1][:80]})"
 
 
-def run_case(case: Case, budget_gb: float, timeout_s: float) -> dict[str, Any]:
-    """Measure one case in a fresh subprocess, unless dense would not fit the budget."""
+def measure_here(case: Case) -> dict[str, Any]:
+    """Measure one case in this process (``--in-process``); an error, out of memory
+    say, is its status, and what it allocated is freed for the next case."""
+    try:
+        return {"status": "ok", **measure(case, fresh=False)}
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        first = (str(error).strip().splitlines() or [""])[0]
+        return {"status": f"failed ({type(error).__name__}: {first[:80]})"}
+    finally:
+        gc.collect()
+        if case.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def run_case(case: Case, budget_gb: float, timeout_s: float,
+             in_process: bool = False) -> dict[str, Any]:
+    """Measure one case in a fresh subprocess (or with ``in_process`` in this one), unless
+    dense would not fit the budget."""
     if case.method.startswith("dense") and dense_need_bytes(case) > budget_gb * GB:
         return {"status": f"skipped (needs ~{dense_need_bytes(case) / GB:.0f} GB)"}
+    if in_process:
+        return measure_here(case)
     command = [sys.executable, __file__, "--worker", json.dumps(asdict(case))]
     try:
         proc = subprocess.run(
@@ -294,6 +348,8 @@ def _ratios(result: dict[str, Any], linear: dict[str, Any] | None) -> tuple[str,
     if result["status"] != "ok" or linear is None or linear["status"] != "ok":
         return "", ""
     speed = f"{result['seconds'] / linear['seconds']:.1f}"
+    if math.isnan(result["peak_extra_bytes"]) or math.isnan(linear["peak_extra_bytes"]):
+        return speed, "n/a"
     # Linear's extra memory can round to nothing on the CPU (pages already mapped)
     if linear["peak_extra_bytes"] < MB:
         return speed, f"> {result['peak_extra_bytes'] / MB:,.0f}"
@@ -302,7 +358,9 @@ def _ratios(result: dict[str, Any], linear: dict[str, Any] | None) -> tuple[str,
 
 def table_row(case: Case, result: dict[str, Any], linear: dict[str, Any] | None) -> str:
     if result["status"] == "ok":
-        cells = f"{result['seconds']:.3f} | {result['peak_extra_bytes'] / MB:,.0f}"
+        memory = result["peak_extra_bytes"]
+        cells = f"{result['seconds']:.3f} | " + \
+            ("n/a" if math.isnan(memory) else f"{memory / MB:,.0f}")
     else:
         cells = f"{result['status']} | "
     speed, ratio = _ratios(result, linear) if case.method != "linear" else ("", "")
@@ -331,9 +389,20 @@ def selected_cases(args: argparse.Namespace) -> list[tuple[int, int, int, int, t
     return cases
 
 
+def write_outputs(args: argparse.Namespace, raw: list[dict[str, Any]],
+                  lines: list[str]) -> None:
+    """Write ``--json`` and ``--markdown`` (where asked for) with what is measured so far."""
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(raw, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
+
+
 def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
-    """Measure every selected case, print the table row by row; return the raw results
-    and the printed lines."""
+    """Measure every selected case, print the table row by row (rewriting ``--json`` and
+    ``--markdown`` after each shape); return the raw results and the printed lines."""
     lines: list[str] = []
 
     def emit(text: str) -> None:
@@ -351,11 +420,13 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
         results = {}
         for method in sorted(methods, key=lambda m: m != "linear"):
             case = Case(b, c, h, w, method, args.distance, args.device, args.repeats, args.loss)
-            results[method] = run_case(case, args.memory_budget_gb, args.timeout_s)
+            results[method] = run_case(case, args.memory_budget_gb, args.timeout_s,
+                                       args.in_process)
             raw.append({**asdict(case), "n": case.n, **results[method]})
         for method in methods:
             case = Case(b, c, h, w, method, args.distance, args.device, args.repeats, args.loss)
             emit(table_row(case, results[method], results.get("linear")))
+        write_outputs(args, raw, lines)
     return raw, lines
 
 
@@ -423,7 +494,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--timeout-s",
         type=float,
         default=3600.0,
-        help="give up on one (case, method) after this long (default 3600)",
+        help="give up on one (case, method) after this long (default 3600; not with "
+        "--in-process)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure every case in this process (one CUDA context) instead of one "
+        "subprocess each",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the raw results here")
     parser.add_argument("--markdown", metavar="PATH", help="also write the table here")
@@ -441,11 +519,7 @@ def main() -> None:
         print(json.dumps(measure(Case(**json.loads(args.worker)))))
         return
     raw, lines = run_all(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(raw, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text("\n".join(lines) + "\n")
+    write_outputs(args, raw, lines)
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot(raw, args.plot, f"{args.loss} loss on {args.device}, B and C as in the table")

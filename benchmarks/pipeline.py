@@ -137,6 +137,11 @@ def _logits(out: object) -> Tensor:
     return out["out"] if isinstance(out, dict) else out  # type: ignore[return-value]
 
 
+def layer_label(reading: str, layer: str, channels: int) -> str:
+    """How the ratio lines name a reading of the teacher's layer."""
+    return f"teacher layer `{reading}` ({layer}, {channels} channels)"
+
+
 class Bench:
     """The networks, one synthetic batch, and the table rows measured on them."""
 
@@ -213,8 +218,32 @@ class Bench:
 
     # ---- the steps that read the teacher's layer ------------------------------------------
 
-    def layer_steps(self, reading: str) -> None:
+    def teacher_layer(self, reading: str) -> tuple[str, int]:
+        """The module path and channels of the teacher's feature map that ``reading`` names
+        (the pipeline's ``--teacher-layer``), its channels checked on one image of the
+        batch (a forward pass without gradients, in eval mode).
+
+        Raises:
+            ValueError: if the map there has other channels than the architecture says.
+        """
         layer, channels = models.TEACHERS[self.t_name].layer(reading)
+        hooks = FeatureHooks(self.teacher, {"t": layer})
+        training = self.teacher.training
+        try:
+            with torch.no_grad():
+                self.teacher.eval()(self.x[:1])
+            found = hooks.pop()["t"].shape[1]
+        finally:
+            hooks.remove()
+            self.teacher.train(training)
+        if found != channels:
+            raise ValueError(f"the teacher's {layer} has {found} channels, not {channels}")
+        return layer, channels
+
+    def layer_steps(self, reading: str) -> None:
+        """The translator and distillation steps at one reading of the teacher's layer, and
+        the distillation step's parts."""
+        layer, channels = self.teacher_layer(reading)
         s_arch = models.STUDENTS[self.s_name]
         x, y, teacher = self.x, self.y, self.teacher
         translator = Translator(channels, self.args.translator_channels).to(self.device)
@@ -279,7 +308,7 @@ class Bench:
         ratios = sorted(d / (t + st) for t, st, d in zip(s["t"], s["s"], s["d"], strict=True))
         median = statistics.median
         self.ratios.append(
-            f"- teacher layer `{reading}` ({layer}, {channels} channels), {self.label(amp)}: "
+            f"- {layer_label(reading, layer, channels)}, {self.label(amp)}: "
             f"distillation step / (teacher forward + student step) = "
             f"{median(ratios):.2f} (median of {len(ratios)} rounds that time the three in "
             f"turn; {1000 * median(s['d']):,.0f} ms / ({1000 * median(s['t']):,.0f} ms + "

@@ -118,7 +118,7 @@ def safe_norm(x: Tensor, dim: int, p: float = 2.0, eps: float = 1e-8) -> Tensor:
     # The check is a data-dependent branch, which torch.compile(fullgraph=True)
     # cannot trace: compiled code always takes the scaled path.
     if (eps <= 1.0 and not torch.compiler.is_compiling()
-            and bool(((norm == 0) | ((norm >= lo) & (norm <= hi))).all())):
+            and plain_norm_is_exact(x, norm, dim, lo, hi)):
         return norm.clamp_min(eps)
     scale = x.detach().abs().amax(dim=dim, keepdim=True)
     # A zero vector keeps scale 1 (its norm is then clamped at eps); NaN > 0 is False,
@@ -126,6 +126,22 @@ def safe_norm(x: Tensor, dim: int, p: float = 2.0, eps: float = 1e-8) -> Tensor:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scaled: Tensor = torch.linalg.vector_norm(x / scale, ord=p, dim=dim, keepdim=True)
     return scaled.clamp_min(eps) * scale
+
+
+def plain_norm_is_exact(x: Tensor, norm: Tensor, dim: int, lo: float, hi: float) -> bool:
+    """Whether ``norm`` (a norm, or a squared norm, of ``x`` along ``dim``, computed
+    without scaling, keepdim) can be used as it is: every entry within
+    ``[lo, hi]``, the range where the powers neither underflow nor overflow, or
+    exactly zero for a vector that is all zeros. A zero from underflow (a vector
+    of entries around 1e-25 in float32) or a NaN is not."""
+    inside = (norm >= lo) & (norm <= hi)
+    if bool(inside.all()):
+        return True
+    zero = norm == 0
+    if not bool((inside | zero).all()):
+        return False
+    largest = x.detach().abs().amax(dim=dim, keepdim=True)
+    return not bool(torch.where(zero, largest, torch.zeros_like(largest)).any())
 
 
 def normalize_channels(x: Tensor, dim: int, p: float = 2.0, eps: float = 1e-8) -> Tensor:

@@ -49,6 +49,16 @@ class _Encoder(nn.Module):
         return self.translator.encode(x)
 
 
+def _on_layers(teacher: nn.Module, student: nn.Module, terms: dict[str, DistillationTerm],
+               teacher_layer: str, student_layer: str, teacher_output: OutputSelector,
+               student_output: OutputSelector) -> DistillationWrapper:
+    """The wrapper of a preset whose terms read one layer on each side, captured under
+    :data:`FEATURES`."""
+    return DistillationWrapper(teacher, student, terms, {FEATURES: teacher_layer},
+                               {FEATURES: student_layer}, teacher_output=teacher_output,
+                               student_output=student_output)
+
+
 def _layer_channels(model: nn.Module, layer: str, example_input: Any, side: str) -> int:
     """The channels of the 4-D map at ``layer``, from one no-grad forward on ``example_input``."""
     shape = feature_shapes(model, {FEATURES: layer}, example_input, with_output=False,
@@ -195,9 +205,8 @@ def knowledge_adaptation(
         if weights[name] > 0
     }
     translator.eval().requires_grad_(False)  # the decoder too: stage 2 uses the encoder only
-    return DistillationWrapper(teacher, student, terms, {FEATURES: teacher_layer},
-                               {FEATURES: student_layer}, teacher_output=teacher_output,
-                               student_output=student_output)
+    return _on_layers(teacher, student, terms, teacher_layer, student_layer,
+                      teacher_output, student_output)
 
 
 def kd(
@@ -292,9 +301,8 @@ def fitnet(
         student_channels=channels["student_channels"],
         teacher_channels=channels["teacher_channels"],
     )
-    return DistillationWrapper(teacher, student, {"fitnet": term}, {FEATURES: teacher_layer},
-                               {FEATURES: student_layer}, teacher_output=teacher_output,
-                               student_output=student_output)
+    return _on_layers(teacher, student, {"fitnet": term}, teacher_layer, student_layer,
+                      teacher_output, student_output)
 
 
 def attention_transfer(
@@ -327,9 +335,8 @@ def attention_transfer(
     """
     term = DistillationTerm(AttentionTransferLoss(), student=FEATURES, teacher=FEATURES,
                             weight=weight, resize=resize)
-    return DistillationWrapper(teacher, student, {"attention": term}, {FEATURES: teacher_layer},
-                               {FEATURES: student_layer}, teacher_output=teacher_output,
-                               student_output=student_output)
+    return _on_layers(teacher, student, {"attention": term}, teacher_layer, student_layer,
+                      teacher_output, student_output)
 
 
 def pairwise(
@@ -363,9 +370,8 @@ def pairwise(
     """
     term = DistillationTerm(PairwiseLoss(patch_size=patch_size), student=FEATURES,
                             teacher=FEATURES, weight=weight, resize=resize)
-    return DistillationWrapper(teacher, student, {"pairwise": term}, {FEATURES: teacher_layer},
-                               {FEATURES: student_layer}, teacher_output=teacher_output,
-                               student_output=student_output)
+    return _on_layers(teacher, student, {"pairwise": term}, teacher_layer, student_layer,
+                      teacher_output, student_output)
 
 
 def cwd(

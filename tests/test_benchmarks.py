@@ -76,7 +76,7 @@ def test_matmul_bound_times_the_products_the_linear_path_runs(loss, distance):
             self.madds = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.__name__.split(".")[0] in ("bmm", "baddbmm"):
+            if func.__name__.split(".")[0] in ("bmm", "baddbmm", "baddbmm_"):
                 a, b = args[-2], args[-1]
                 self.madds += a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
             return func(*args, **(kwargs or {}))
@@ -90,3 +90,23 @@ def test_matmul_bound_times_the_products_the_linear_path_runs(loss, distance):
             affinity_loss(student, teacher, method="linear", distance=distance).backward()
     expected = sum(a[0] * a[1] * a[2] * b[2] for a, b in bench.matmul_products(case))
     assert count.madds == expected
+
+
+def test_readme_affinity_table_is_the_committed_benchmark_table():
+    """Every memory-linear row of the README's affinity table repeats the committed
+    ``docs/benchmarks/affinity_cpu.md`` (written by the command the README gives)."""
+    root = BENCHMARKS.parent
+    readme = (root / "README.md").read_text()
+    table = (root / "docs" / "benchmarks" / "affinity_cpu.md").read_text()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in table.splitlines() if line.startswith("| ") and "| linear |" in line]
+    assert len(rows) == 4
+    for case, n, _, seconds, megabytes, bound, ratio, *_ in rows:
+        b, c, size = case.split(", ")
+        h, w = size.split("x")
+        expected = (f"| {b}, {c}, {h} x {w} | {n} |", f"| {seconds} s, {megabytes} MB |",
+                    f"| {bound} s | {ratio} |")
+        line = next((x for x in readme.splitlines() if x.startswith(expected[0])), None)
+        assert line is not None, f"no README row for {case}"
+        assert expected[1] in line and line.endswith(expected[2]), (
+            f"README row for {case} differs from docs/benchmarks/affinity_cpu.md: {line}")

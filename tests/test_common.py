@@ -81,6 +81,56 @@ def test_under_autocast_bf16(loss_case):
     assert all(torch.isfinite(x.grad).all() for x in inputs if x.grad is not None)
 
 
+def test_backward_inside_autocast_matches_float32(loss_case):
+    """``backward()`` called inside the autocast region (as many training loops do):
+    the backward pass inherits autocast, and the gradients must still be the float32
+    ones, in float32."""
+    module_cls, _, kwargs, make = loss_case
+    inputs = [x.requires_grad_() for x in make(torch.float32, "cpu")]
+    expected = torch.autograd.grad(module_cls(**kwargs)(*inputs).sum(), inputs,
+                                   allow_unused=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads = torch.autograd.grad(module_cls(**kwargs)(*inputs).sum(), inputs,
+                                    allow_unused=True)
+    # The dense Gram path (``affinity_dense``; ``pairwise`` here, whose pooled maps make
+    # ``method='auto'`` dense) differentiates through autograd, whose matmul backward
+    # follows the caller's autocast (bf16-rounded, as PyTorch documents); the
+    # memory-linear path's hand-written backward and the other losses stay float32.
+    tolerance = 1e-2 if loss_case[2] in ({"method": "dense", "chunk_size": 3},
+                                         {"patch_size": 2}) else 1e-6
+    for g, e in zip(grads, expected):
+        if e is None:
+            assert g is None
+            continue
+        assert g.dtype == torch.float32
+        assert ((g - e).norm() / e.norm()).item() <= tolerance
+
+
+@pytest.mark.parametrize("call", [
+    lambda s, t: sd.affinity_loss(s, t, method="linear"),
+    lambda s, t: sd.affinity_loss(s, t, method="linear", distance="squared"),
+    lambda s, t: sd.pairwise_loss(s, t, method="linear"),
+], ids=["affinity l2", "affinity squared", "pairwise"])
+@pytest.mark.parametrize("teacher_channels", [6, 9])
+def test_gram_kernel_backward_inside_autocast_is_float32(call, teacher_channels):
+    """The memory-linear kernel's hand-written backward (which once crashed on CUDA
+    under bf16 autocast: an in-place product of mixed dtypes) runs in float32 when
+    ``backward()`` is called inside the autocast region."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 6, 5, 7, generator=g).requires_grad_()
+    t = torch.randn(2, teacher_channels, 5, 7, generator=g).requires_grad_()
+    expected = torch.autograd.grad(call(s, t), (s, t))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads = torch.autograd.grad(call(s.bfloat16(), t), (s, t))
+    for grad, e in zip(grads, expected):
+        assert grad.dtype == torch.float32
+        assert ((grad - e).norm() / e.norm()).item() < 2e-2  # s rounded to bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads = torch.autograd.grad(call(s, t), (s, t))
+    for grad, e in zip(grads, expected):
+        torch.testing.assert_close(grad, e, rtol=1e-5, atol=1e-8)
+
+
 def test_pickle_and_state_dict(loss_case):
     module_cls, _, kwargs, make = loss_case
     module = module_cls(**kwargs)

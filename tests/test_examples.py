@@ -157,10 +157,13 @@ def test_resume_after_a_crash_continues_exactly(tmp_path):
 @pytest.mark.slow
 def test_two_process_torchrun(tmp_path):
     root = make_voc(tmp_path / "data")
-    # a folder with only `examples` in it, so the workers import the installed segdistill
+    # a folder with only `examples` in it, so the workers import segdistill as this process
+    # does: installed, or from a PYTHONPATH that holds it
     (tmp_path / "path").mkdir()
     (tmp_path / "path" / "examples").symlink_to(REPO / "examples")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "path"), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (str(tmp_path / "path"), os.environ.get("PYTHONPATH"))
+                           if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--master_port", "29531", "-m", "examples.segmentation", "student", "--dataset",
@@ -283,12 +286,40 @@ def test_doctests(name):
 
 @pytest.mark.slow
 def test_the_pipeline_benchmark_runs(tmp_path):
+    # every row and ratio, both readings of the teacher's layer, fp32 and bf16, on the digit
+    # scenes' networks (the paper's: test_the_pipeline_benchmark_reads_the_papers_layers)
+    table = tmp_path / "pipeline.md"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "pipeline.py"), "--device", "cpu", "--size",
-         "33", "33", "--batch", "2", "--steps", "1", "--rounds", "1",
-         "--translator-channels", "16"],
+        [sys.executable, str(REPO / "benchmarks" / "pipeline.py"), "--device", "cpu",
+         "--networks", "digits", "--size", "32", "32", "--batch", "2", "--steps", "1",
+         "--rounds", "1", "--translator-channels", "16", "--markdown", str(table)],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| distill | distillation step (paper) | head | bf16 |" in proc.stdout
-    assert "| distill, part | losses (forward, backward) | backbone | fp32 |" in proc.stdout
-    assert "teacher layer `backbone` (backbone.layer4, 2048 channels), bf16: " in proc.stdout
+    for text in (proc.stdout, table.read_text()):
+        assert "| distill | distillation step (paper) | head | bf16 |" in text
+        assert "| distill, part | losses (forward, backward) | backbone | fp32 |" in text
+        assert "| translator | translator step | backbone | bf16 |" in text
+        assert "| evaluate | teacher forward |  | bf16 |" in text
+        assert "teacher layer `backbone` (features, 64 channels), bf16: " in text
+        assert "teacher layer `head` (features, 64 channels), fp32: " in text
+
+
+def test_the_pipeline_benchmark_reads_the_papers_layers():
+    # the paper's networks at their smallest: the layers and channels each reading names,
+    # checked on a forward pass, as the benchmark's ratio lines print them
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_pipeline",
+                                                  REPO / "benchmarks" / "pipeline.py")
+    assert spec is not None and spec.loader is not None
+    pipeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipeline)
+    bench = pipeline.Bench(pipeline.parse_args(["--device", "cpu", "--size", "33", "33",
+                                                "--batch", "1"]))
+    assert (bench.t_name, bench.s_name) == ("deeplabv3_resnet50", "mobilenet_v2")
+    layers = {reading: bench.teacher_layer(reading) for reading in ("head", "backbone")}
+    assert layers == {"head": ("classifier.3", 256), "backbone": ("backbone.layer4", 2048)}
+    assert pipeline.layer_label("backbone", *layers["backbone"]) == \
+        "teacher layer `backbone` (backbone.layer4, 2048 channels)"
+    with torch.no_grad():  # torchvision's dict of outputs, as the teacher step reads it
+        assert pipeline._logits(bench.teacher.eval()(bench.x)).shape == (1, 21, 33, 33)

@@ -91,6 +91,42 @@ def test_the_papers_student_exports_every_format(tmp_path):
     assert all(d < 1e-3 for d in diffs.values())
 
 
+class _Cancelling(nn.Module):
+    """A 1x1 convolution of ``x + 1e5`` less that of ``1e5``: float32 rounds ``x`` there to
+    about 1e-2, float64 does not (an ill-conditioned network)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x + 1e5) - self.conv(torch.full_like(x, 1e5))
+
+
+def test_the_export_tolerance_follows_the_models_own_float32_rounding(tmp_path, monkeypatch):
+    from examples.segmentation import export
+
+    torch.manual_seed(0)
+    net, images = _Cancelling().eval(), torch.randn(2, 3, 8, 8)
+    inputs = [images, torch.randn(1, 3, 40, 72, generator=torch.Generator().manual_seed(0))]
+    with torch.no_grad():
+        references = [net(x) for x in inputs]
+        rounding = export._float32_rounding(net, inputs, references)
+    base = max(1e-3 * max(1.0, float(r.abs().max())) for r in references)
+    assert 2 * rounding > base  # a difference the plain tolerance would reject
+    offset = 2 * rounding  # a runtime whose kernels round otherwise, as far as float32 does
+    monkeypatch.setitem(export.WRITERS, "pt2",
+                        lambda model, path, example: lambda x: model(x) + offset)
+    result = export_student(net, images, tmp_path, ["pt2"])
+    assert result["float32_rounding"] == pytest.approx(rounding)
+    assert result["formats"]["pt2"]["tolerance"] == pytest.approx(4 * rounding)
+    assert "own float32 rounding" in export.format_export("s", result)
+    offset = 10 * rounding  # more than rounding explains
+    with pytest.raises(ValueError, match=r"differs from the eager model by .* 4 times the "
+                                         r"eager model's own float32 rounding"):
+        export_student(net, images, tmp_path, ["pt2"])
+
+
 def test_export_errors(tmp_path):
     net = nn.Conv2d(3, 2, 1)
     with pytest.raises(ValueError, match=r"at least 2 images .* got shape \(1, 3, 8, 8\)"):

@@ -4,6 +4,7 @@ overflow, masked logits and large powers, against float64 references written her
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -21,6 +22,17 @@ from segdistill import (
     pairwise_loss,
     reconstruction_loss,
 )
+
+DEVICE = torch.device(os.environ.get("SEGDISTILL_TEST_DEVICE", "cpu"))
+"""Where the library runs in these tests; the float64 references stay on the CPU.
+``SEGDISTILL_TEST_DEVICE=cuda pytest tests/test_numerics.py`` runs the same checks on
+a GPU (``benchmarks/gpu_check.py`` does)."""
+
+
+def on_device(call, *tensors):
+    """``call`` on copies of ``tensors`` on :data:`DEVICE`, its result back on the CPU."""
+    return call(*(t.to(DEVICE) for t in tensors)).cpu()
+
 
 # ---- float64 dense references --------------------------------------------------------
 
@@ -89,10 +101,12 @@ def check_against_reference(student, teacher, loss, method, value_tol=1e-3, grad
     t64 = teacher.double().requires_grad_()
     expected = reference(s64, t64, loss)
     expected_grads = torch.autograd.grad(expected.sum(), (s64, t64))
-    s32, t32 = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    s32 = student.detach().to(DEVICE, copy=True).requires_grad_()
+    t32 = teacher.detach().to(DEVICE, copy=True).requires_grad_()
     actual = library(s32, t32, loss, method)
     assert actual.dtype == torch.float32
-    grads = torch.autograd.grad(actual.sum(), (s32, t32))
+    grads = [g.cpu() for g in torch.autograd.grad(actual.sum(), (s32, t32))]
+    actual = actual.detach().cpu()
     worst = ((actual.double() - expected).abs() / expected.abs()).max().item()
     assert worst <= value_tol, f"value off by {worst:.2e}"
     for name, g, e in zip(("student", "teacher"), grads, expected_grads, strict=True):
@@ -156,6 +170,67 @@ def test_rotated_channels_are_recomputed_not_cancelled():
         check_against_reference(student, teacher, loss, "linear")
 
 
+@pytest.mark.parametrize("block_elements", [1, 200])
+@pytest.mark.parametrize("teacher_form", ["equal", "zeros"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_cache_sized_column_blocks_change_nothing(monkeypatch, block_elements, teacher_form,
+                                                  loss):
+    """On the CPU the elementwise passes run in blocks of columns; blocks of one column
+    and blocks that do not divide N give the reference's values and gradients."""
+    from segdistill.losses import _gram
+
+    monkeypatch.setattr(_gram, "_BLOCK_ELEMENTS", block_elements)
+    student, teacher = near_pair(2, 16, 7, 1e-3, "relu", teacher_form)
+    check_against_reference(student, teacher, loss, "linear")
+    student, teacher = near_pair(3, 16, 7, 1.0, "random", teacher_form)
+    check_against_reference(student, teacher, loss, "linear")
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_zero_and_underflowing_positions_on_the_fast_norm_path(loss):
+    """The Gram path squares the features for its norms: an all-zero position keeps
+    zero affinities (divisor eps), and a position whose squares underflow to zero
+    (entries of 1e-25) is normalised exactly like the same vector at scale 1."""
+    g = torch.Generator().manual_seed(5)
+    student = torch.randn(2, 8, 5, 5, generator=g, dtype=torch.float64)
+    teacher = torch.randn(2, 8, 5, 5, generator=g, dtype=torch.float64)
+    student[0, :, 1, 1] = 0.0
+    teacher[1, :, 2, 3] = 0.0
+    s32 = student.float().to(DEVICE, copy=True).requires_grad_()
+    t32 = teacher.float().to(DEVICE, copy=True).requires_grad_()
+    expected = library(s32, t32, loss, "dense")
+    assert torch.isfinite(expected).all()
+    actual = library(s32, t32, loss, "linear")
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-7)
+    grads = torch.autograd.grad(actual.sum(), (s32, t32))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+PER_POSITION = [
+    *[(f"affinity {m} {d}", lambda s, t, m=m, d=d: affinity_loss(
+        s, t, method=m, distance=d, reduction="none"))
+      for m in ("linear", "dense") for d in ("l2", "squared")],
+    *[(f"pairwise {m}", lambda s, t, m=m: pairwise_loss(s, t, method=m, reduction="none"))
+      for m in ("linear", "dense")],
+    ("adaptation", lambda s, t: adaptation_loss(s, t, reduction="none").flatten(1).mean(1)),
+]
+
+
+@pytest.mark.parametrize("name,call", PER_POSITION, ids=[c[0] for c in PER_POSITION])
+def test_each_position_at_its_own_extreme_scale(name, call):
+    """Losses that normalise each position: one position scaled by 1e-25 (its squares
+    underflow float32 to exactly zero, it is not a zero vector) and another by 1e25
+    give the unscaled value."""
+    g = torch.Generator().manual_seed(6)
+    student, teacher = torch.randn(2, 8, 5, 5, generator=g), torch.randn(2, 8, 5, 5, generator=g)
+    expected = on_device(call, student, teacher)
+    s, t = student.clone(), teacher.clone()
+    s[1, :, 4, 0] *= 1e-25
+    s[0, :, 2, 2] *= 1e25
+    t[0, :, 1, 3] *= 1e-25
+    torch.testing.assert_close(on_device(call, s, t), expected, rtol=1e-5, atol=1e-9)
+
+
 # ---- 2. NaN and infinity ------------------------------------------------------------------
 
 GRAM_CALLS = [
@@ -172,7 +247,7 @@ GRAM_CALLS = [
     ("attention p=100", lambda s, t: attention_transfer_loss(s, t, p=100.0, reduction="none")),
     ("kd", lambda s, t: kd_loss(s, t, reduction="none").flatten(1).mean(1)),
     ("kd with labels", lambda s, t: kd_loss(
-        s, t, torch.zeros(s.shape[0], *s.shape[2:], dtype=torch.long),
+        s, t, torch.zeros(s.shape[0], *s.shape[2:], dtype=torch.long, device=s.device),
         reduction="none").flatten(1).mean(1)),
     ("cwd", lambda s, t: cwd_loss(s, t, reduction="none")),
     ("fitnet", lambda s, t: fitnet_loss(s, t, reduction="none").flatten(1).mean(1)),
@@ -195,7 +270,7 @@ def test_a_non_finite_value_makes_that_image_nan(name, call, bad, which, same_ch
     teacher = torch.randn(2, 6 if same_channels else 9, 4, 4, generator=g)
     target = student if which == "student" else teacher
     target[1, 2, 1, 3] = bad
-    out = call(student, teacher)
+    out = on_device(call, student, teacher)
     if bad == -math.inf and which == "student" and name.split()[0] in ("kd", "cwd"):
         # a class (position) the teacher gives mass but the student rules out: KL = +inf
         assert not torch.isfinite(out[1])
@@ -229,10 +304,10 @@ def test_scale_invariant_losses_do_not_overflow(name, call, teacher_channels, sc
     g = torch.Generator().manual_seed(0)
     student = torch.randn(2, 8, 5, 5, generator=g)
     teacher = torch.randn(2, teacher_channels, 5, 5, generator=g)
-    expected = call(student, teacher)
+    expected = on_device(call, student, teacher)
     s = student * scale if which in ("student", "both") else student
     t = teacher * scale if which in ("teacher", "both") else teacher
-    actual = call(s, t)
+    actual = on_device(call, s, t)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0.0)
 
 
@@ -240,6 +315,7 @@ def test_scaled_inputs_keep_their_gradient_direction():
     g = torch.Generator().manual_seed(0)
     student = torch.randn(1, 8, 4, 4, generator=g)
     teacher = torch.randn(1, 8, 4, 4, generator=g)
+    student, teacher = student.to(DEVICE), teacher.to(DEVICE)
     for scale in (1e20, 1e-20):
         s = (student * scale).requires_grad_()
         affinity_loss(s, teacher, method="linear").backward()

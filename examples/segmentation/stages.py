@@ -425,8 +425,9 @@ def export(run: Run, name: str,
     """(g) The student trained under ``OUT/<name>`` to TorchScript, ``torch.export`` and
     ONNX in ``OUT/<name>/export/``, each loaded back and checked against the eager model
     on a batch of two copies (one flipped) of the first val image and a random image of
-    another size (:func:`~examples.segmentation.export.export_student`). Runs on rank 0,
-    on the CPU; the others wait."""
+    another size (:func:`~examples.segmentation.export.export_student`; the float64
+    outputs that set the tolerance of an ill-conditioned model run on the run's device).
+    Runs on rank 0, on the CPU; the others wait."""
     if name == "teacher":
         raise ValueError("export writes a student (the deployed model), not the teacher; "
                          "pass --models with a student's folder, e.g. distill-paper")
@@ -436,7 +437,8 @@ def export(run: Run, name: str,
         model = build_student(run, weights=name)
         image = dataset(run, train=False)[0][0]
         result = export_formats.export_student(
-            model, torch.stack([image, image.flip(-1)]), run.out / name / "export", formats)
+            model, torch.stack([image, image.flip(-1)]), run.out / name / "export", formats,
+            reference_device=run.device)
         print(export_formats.format_export(name, result))
     _barrier()
     return result

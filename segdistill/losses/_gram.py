@@ -46,13 +46,13 @@ is NaN on every path, never a finite value with a NaN gradient.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from segdistill._features import safe_norm
+from segdistill._features import plain_norm_is_exact, safe_norm
 
 __all__ = ["dense_is_cheaper", "row_distances", "squared_distance", "unit_columns"]
 
@@ -69,6 +69,9 @@ _NORMALIZATION_ULPS = 2.0**14
 _ZERO_ULPS = 32.0
 # Upper bound on the elements of one dense row block (B x rows x N).
 _DENSE_BLOCK_ELEMENTS = 1 << 24
+# Elements of one block of the elementwise passes on the CPU (1 MiB in float32), see
+# :func:`_column_blocks`.
+_BLOCK_ELEMENTS = 1 << 18
 
 
 def unit_columns(x: Tensor, eps: float) -> Tensor:
@@ -135,102 +138,188 @@ def _frobenius_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum((1, 2))
 
 
+# ------------------------------------------------------------------- shared building blocks
+
+
+def _buffered() -> bool:
+    """Whether to write into preallocated buffers (``out=``, in place): not under
+    autograd (a graph-building recomputation for double backward) nor under
+    ``torch.compile``, which traces plain out-of-place ops and fuses them itself."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _column_blocks(x: Tensor) -> Iterator[slice]:
+    """Slices of the last dimension of a (B, C, N) tensor for elementwise passes.
+
+    On the CPU, blocks of columns whose B x C x width slices stay in the cache
+    (:data:`_BLOCK_ELEMENTS` elements): a pass that reads, combines and writes a
+    block before moving on never sends its temporaries to memory, and on a
+    memory-bound CPU a fresh full-size buffer costs about as much as the pass
+    itself. Elsewhere (CUDA) one block: the caching allocator makes temporaries
+    cheap and every launch counts.
+    """
+    batch, channels, n = x.shape
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        yield slice(None)
+        return
+    width = max(1, _BLOCK_ELEMENTS // max(1, batch * channels))
+    for start in range(0, n, width):
+        yield slice(start, start + width)
+
+
+def _column_dot(a: Tensor, b: Tensor) -> Tensor:
+    r"""Per-position dot products :math:`\sum_c a_{c,i} b_{c,i}`: (B, C, N) x (B, C, N)
+    -> (B, N), by :func:`_column_blocks` outside autograd."""
+    if not _buffered():
+        return (a * b).sum(1)
+    out = a.new_empty(a.shape[0], a.shape[-1])
+    for cols in _column_blocks(a):
+        torch.sum(a[..., cols] * b[..., cols], 1, out=out[:, cols])
+    return out
+
+
+def _norms(x: Tensor, eps: float) -> Tensor:
+    """:func:`~segdistill._features.safe_norm` along the channels, (B, C, N) -> (B, 1, N).
+
+    Outside autograd the squared norms come from one cache-friendly pass
+    (:func:`_column_dot`, several times faster on the CPU than
+    ``linalg.vector_norm`` along a strided dimension); where one of them leaves
+    the range in which squaring is exact (or is NaN), ``safe_norm``'s scaled
+    path takes over. An all-zero vector is the one exception it lets through:
+    its divisor is ``eps``, as in ``safe_norm``.
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or eps > 1.0:
+        return safe_norm(x, 1, 2.0, eps)
+    squared = _column_dot(x, x).unsqueeze(1)
+    info = torch.finfo(squared.dtype)
+    if plain_norm_is_exact(x, squared, 1, max(eps * eps, info.tiny / info.eps),
+                           info.max * info.eps):
+        return squared.sqrt().clamp_min(eps)
+    return safe_norm(x, 1, 2.0, eps)
+
+
+def _unit_blocks(x_s: Tensor, x_t: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalise both maps into one (B, C_t + C_s, N) buffer ``z`` and return
+    ``(z, norm_s, norm_t)``.
+
+    ``z = [T; E]`` with :math:`E = S - T` formed elementwise when the channel
+    counts are equal (the E-form), ``z = [T; S]`` otherwise. The norms are
+    (B, 1, N). Outside :func:`_buffered` code the buffer is built by ``cat``.
+    """
+    c_t = x_t.shape[1]
+    e_form = x_s.shape[1] == c_t
+    norm_s, norm_t = _norms(x_s, eps), _norms(x_t, eps)
+    if not _buffered():
+        t, s = x_t / norm_t, x_s / norm_s
+        return torch.cat([t, s - t if e_form else s], dim=1), norm_s, norm_t
+    batch, c_s, n = x_s.shape
+    z = x_s.new_empty(batch, c_t + c_s, n)
+    t, second = z[:, :c_t], z[:, c_t:]
+    for cols in _column_blocks(z):
+        t_block = torch.div(x_t[..., cols], norm_t[..., cols], out=t[..., cols])
+        block = torch.div(x_s[..., cols], norm_s[..., cols], out=second[..., cols])
+        if e_form:
+            block.sub_(t_block)
+    return z, norm_s, norm_t
+
+
+def _blocks(*rows: tuple[Tensor, Tensor]) -> Tensor:
+    """Stack small (B, C, C') blocks into one matrix, one ``(left, right)`` per block row."""
+    return torch.cat([torch.cat(row, dim=2) for row in rows], dim=1)
+
+
+def _normalization_backward(g: Tensor, x: Tensor, norm: Tensor, factor: float) -> Tensor:
+    r"""In place: ``g``, the gradient with respect to the unit vectors
+    :math:`u = x / \lVert x \rVert`, becomes ``factor`` times the gradient with
+    respect to ``x``, :math:`(g - u\,(u \cdot g)) / \lVert x \rVert`, in one pass
+    over :func:`_column_blocks` (``u`` is formed block by block, never whole)."""
+    inv = norm.reciprocal()
+    for cols in _column_blocks(g):
+        block, inv_block = g[..., cols], inv[..., cols]
+        unit = x[..., cols] * inv_block
+        along = (unit * block).sum(1, keepdim=True)
+        block.addcmul_(unit, along, value=-1.0).mul_(inv_block * factor)
+    return g
+
+
 # ----------------------------------------------------------------------------- l2 rows
 
 
-def _stack_normalized(x_s: Tensor, x_t: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor,
-                                                                       Tensor, Tensor]:
-    """Normalise both maps into one buffer ``z`` (no copies) and return
-    ``(z, V, w, inv_s, inv_t)`` with :math:`D = V^\\top w`.
-
-    E-form (equal C): ``z = [T; E; S]``, ``V = [T; E]``, ``w = [E; S]``.
-    Otherwise: ``z = [T; S]``, ``V = z`` and ``w = [-T; S]`` (``w`` is ``z``;
-    the sign is applied to the small matrices, see :func:`_signed`).
-    Under autograd (the double-backward pass) the buffer is built by ``cat``.
-    """
-    c_s, c_t = x_s.shape[1], x_t.shape[1]
-    d_s, d_t = safe_norm(x_s, 1, 2.0, eps), safe_norm(x_t, 1, 2.0, eps)
-    if torch.is_grad_enabled():
-        s, t = x_s / d_s, x_t / d_t
-        z = torch.cat([t, s - t, s] if c_s == c_t else [t, s], dim=1)
-    else:
-        b, _, n = x_s.shape
-        z = x_s.new_empty(b, c_t + c_s + (c_t if c_s == c_t else 0), n)
-        t, s = z[:, :c_t], z[:, -c_s:]
-        torch.div(x_t, d_t, out=t)
-        torch.div(x_s, d_s, out=s)
-        if c_s == c_t:
-            torch.sub(s, t, out=z[:, c_t:2 * c_t])
-    v, w = (z[:, :2 * c_t], z[:, c_t:]) if c_s == c_t else (z, z)
-    return z, v, w, d_s.reciprocal(), d_t.reciprocal()
-
-
-def _signed(m: Tensor, c_t: int, e_form: bool) -> Tensor:
-    """``m @ w`` for the plain form's ``w = [-T; S]``: negate the first C_t columns."""
-    if e_form:
-        return m
-    return torch.cat([-m[..., :c_t], m[..., c_t:]], dim=-1)
-
-
 def _l2_terms(x_s: Tensor, x_t: Tensor, eps: float) -> dict[str, Tensor]:
-    """Squared row norms :math:`r_i = \\lVert d_i \\rVert^2` with everything the
+    r"""Squared row norms :math:`r_i = \lVert d_i \rVert^2` with everything the
     backward pass needs: three C x C Grams and the stacked product
-    :math:`(VV^\\top) w = [TD; ED]` (or :math:`[TD; SD]`), seven :math:`C^2 N`
-    multiply-adds with equal channel counts."""
-    c_s, c_t = x_s.shape[1], x_t.shape[1]
-    e_form = c_s == c_t
-    z, v, w, inv_s, inv_t = _stack_normalized(x_s, x_t, eps)
-    t, s = z[:, :c_t], z[:, -c_s:]
+    :math:`P = [TD;\, ED]` (or :math:`[TD;\, SD]`), seven :math:`C^2 N`
+    multiply-adds with equal channel counts.
+
+    E-form: with :math:`D = T^\top E + E^\top S` and :math:`S = T + E`,
+    :math:`P = \begin{bmatrix} G_{te} & G_{tt} + G_{te} \\ G_{ee} & G_{et} + G_{ee}
+    \end{bmatrix} \begin{bmatrix} T \\ E \end{bmatrix}` and
+    :math:`r_i = e_i \cdot (TD)_i + s_i \cdot (ED)_i`. Otherwise
+    :math:`P = \begin{bmatrix} -G_{tt} & G_{ts} \\ -G_{st} & G_{ss} \end{bmatrix}
+    \begin{bmatrix} T \\ S \end{bmatrix}` and :math:`r_i = s_i \cdot (SD)_i - t_i
+    \cdot (TD)_i`. :math:`s_i` is read as :math:`x_i / \lVert x_i \rVert`, so
+    only ``z`` and ``P`` are stored.
+    """
+    c_t = x_t.shape[1]
+    z, norm_s, norm_t = _unit_blocks(x_s, x_t, eps)
+    t, second = z[:, :c_t], z[:, c_t:]
     n = z.shape[-1]
-    if e_form:
-        e = z[:, c_t:2 * c_t]
+    if x_s.shape[1] == c_t:
+        e = second
         g_tt, g_te, g_ee = t @ t.mT, t @ e.mT, e @ e.mT
-        gram = torch.cat([torch.cat([g_tt, g_te], 2), torch.cat([g_te.mT, g_ee], 2)], 1)
+        p = _blocks((g_te, g_tt + g_te), (g_ee, g_te.mT + g_ee)) @ z  # [TD; ED]
+        r = _column_dot(e, p[:, :c_t]) + _column_dot(x_s, p[:, c_t:]) / norm_s.squeeze(1)
         # sum_i ||T'e_i||^2 + ||E's_i||^2 = <G_tt, G_ee> + <G_ee, G_ss>, G_ss = S S'
         g_ss = g_tt + g_te + g_te.mT + g_ee
         size = _frobenius_dot(g_tt, g_ee) + _frobenius_dot(g_ee, g_ss)
-        scale = g_ss.square().sum((1, 2)) + g_tt.square().sum((1, 2))
-        td_ed = gram @ w  # [T D; E D]
-        r = (w * td_ed).sum(1)
     else:
+        s = second
         g_tt, g_ts, g_ss = t @ t.mT, t @ s.mT, s @ s.mT
-        gram = torch.cat([torch.cat([g_tt, g_ts], 2), torch.cat([g_ts.mT, g_ss], 2)], 1)
+        p = _blocks((-g_tt, g_ts), (-g_ts.mT, g_ss)) @ z  # [TD; SD]
+        r = _column_dot(s, p[:, c_t:]) - _column_dot(t, p[:, :c_t])
         # sum_i ||S's_i||^2 + ||T't_i||^2 = ||G_ss||^2 + ||G_tt||^2
-        size = scale = g_ss.square().sum((1, 2)) + g_tt.square().sum((1, 2))
-        td_ed = _signed(gram, c_t, False) @ z  # [T D; S D]
-        prod = z * td_ed
-        r = prod[:, c_t:].sum(1) - prod[:, :c_t].sum(1)
-    return {"z": z, "v": v, "w": w, "td": td_ed, "r": r, "size": size / n, "scale": scale / n,
-            "inv_s": inv_s, "inv_t": inv_t}
+        size = g_ss.square().sum((1, 2)) + g_tt.square().sum((1, 2))
+    scale = g_ss.square().sum((1, 2)) + g_tt.square().sum((1, 2))
+    return {"z": z, "p": p, "r": r, "size": size / n, "scale": scale / n,
+            "norm_s": norm_s, "norm_t": norm_t}
 
 
-def _l2_backward(terms: dict[str, Tensor], grad_r: Tensor, c_s: int, c_t: int,
+def _l2_backward(terms: dict[str, Tensor], gamma: Tensor, x_s: Tensor, x_t: Tensor,
                  need: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
     r"""Gradients of :math:`\sum_i \gamma_i r_i` with respect to the raw maps.
 
-    With :math:`\Gamma = \mathrm{diag}(\gamma)`, :math:`\partial/\partial S =
-    2\,(SD\,\Gamma + S\Gamma V^\top w)` and :math:`\partial/\partial T =
-    -2\,(TD\,\Gamma + T\Gamma V^\top w)`: four C x C x N products per side,
-    then the normalisation's backward :math:`(g - s\,(s \cdot g)) / \lVert x\rVert`.
+    With :math:`\Gamma = \mathrm{diag}(\gamma)` and :math:`D = V^\top W` (E-form
+    :math:`V = [T; E]`, :math:`W = [E; S]`; otherwise :math:`V = [T; S]`,
+    :math:`W = [-T; S]`), :math:`\partial/\partial S = 2\,(SD\,\Gamma + K_s W)`
+    and :math:`\partial/\partial T = -2\,(TD\,\Gamma + K_t W)` with
+    :math:`K_u = U \Gamma V^\top`: two C x C x N products per side (the second
+    applies :math:`K_u W`, rewritten on ``z``), then the normalisation's backward.
+    Each side's gradient is built in one fresh buffer.
     """
-    e_form = c_s == c_t
-    z, v, w, td_ed = terms["z"], terms["v"], terms["w"], terms["td"]
-    t, s = z[:, :c_t], z[:, -c_s:]
-    gamma = grad_r.unsqueeze(1)
-    td = td_ed[:, :c_t]
-    # S D = T D + E D in the E-form; the plain form's second block is S D itself
-    sd = td + td_ed[:, c_t:] if e_form else td_ed[:, c_t:]
+    c_t = x_t.shape[1]
+    e_form = x_s.shape[1] == c_t
+    z, p = terms["z"], terms["p"]
+    gamma = gamma.unsqueeze(1)
     grads: list[Tensor | None] = []
-    for unit, xd, inv, sign, wanted in ((s, sd, terms["inv_s"], 2.0, need[0]),
-                                        (t, td, terms["inv_t"], -2.0, need[1])):
+    for x, norm, factor, wanted in ((x_s, terms["norm_s"], 2.0, need[0]),
+                                    (x_t, terms["norm_t"], -2.0, need[1])):
         if not wanted:
             grads.append(None)
             continue
-        k = _signed((unit * gamma) @ v.mT, c_t, e_form)
-        g = torch.baddbmm(xd * gamma, k, w)
-        # the normalisation's backward, with the factor 2 and the sign folded in
-        dot = (unit * g).sum(1, keepdim=True)
-        grads.append(torch.addcmul(g, unit, dot, value=-1.0).mul_(sign * inv))
+        g = torch.mul(x, gamma / norm)  # U Gamma
+        k = g @ z.mT  # U Gamma V'
+        k1, k2 = k[..., :c_t], k[..., c_t:]
+        # K W on z: E-form k1 E + k2 S = [k2, k1 + k2] [T; E]; else [-k1, k2] [T; S]
+        k = torch.cat([k2, k1 + k2] if e_form else [-k1, k2], dim=-1)
+        for cols in _column_blocks(g):  # g = (T D or S D) Gamma
+            first, second, weight = p[:, :c_t, cols], p[:, c_t:, cols], gamma[..., cols]
+            if x is x_t:  # T D
+                torch.mul(first, weight, out=g[..., cols])
+            elif e_form:  # S D = T D + E D
+                torch.add(first, second, out=g[..., cols]).mul_(weight)
+            else:  # S D
+                torch.mul(second, weight, out=g[..., cols])
+        grads.append(_normalization_backward(g.baddbmm_(k, z), x, norm, factor))
     return grads[0], grads[1]
 
 
@@ -261,6 +350,35 @@ def _l2_rows(x_s: Tensor, x_t: Tensor, eps: float) -> tuple[Tensor, Tensor, dict
     return rows, keep, terms, index, wide
 
 
+_Grads = tuple[Tensor | None, Tensor | None, None]
+_Backward = Callable[[dict[str, Tensor], Tensor, Tensor, Tensor, tuple[bool, bool]],
+                     tuple[Tensor | None, Tensor | None]]
+
+
+def _second_order(value: Callable[[Tensor, Tensor], Tensor], grad: Tensor, x_s: Tensor,
+                  x_t: Tensor, need: tuple[bool, bool]) -> _Grads:
+    """The gradients under ``create_graph=True``: differentiate a graph-building
+    recomputation ``value(x_s, x_t)`` from the saved inputs, so that second
+    derivatives are exact too."""
+    inputs = [x for x, wanted in zip((x_s, x_t), need, strict=True) if wanted]
+    grads = iter(torch.autograd.grad(value(x_s, x_t), inputs, grad, create_graph=True))
+    return (next(grads) if need[0] else None, next(grads) if need[1] else None, None)
+
+
+def _first_order(backward: _Backward, ctx: Any, gamma: Tensor, x_s: Tensor, x_t: Tensor,
+                 index: Tensor, need: tuple[bool, bool]) -> _Grads:
+    """``backward`` on the working-precision terms, with the images in ``index``
+    replaced by their float64 recomputation."""
+    grad_s, grad_t = backward(ctx.terms, gamma, x_s, x_t, need)
+    if ctx.wide is not None:
+        wide = backward(ctx.wide, gamma[index].double(), x_s[index].double(),
+                        x_t[index].double(), need)
+        grad_s, grad_t = (g.index_copy(0, index, w.to(g.dtype))
+                          if g is not None and w is not None else g
+                          for g, w in zip((grad_s, grad_t), wide, strict=True))
+    return grad_s, grad_t, None
+
+
 class _RowNorms(torch.autograd.Function):
     """Row norms :math:`\\lVert d_i \\rVert` from the raw (B, C, N) maps, normalisation
     included, with the hand-written backward pass of :func:`_l2_backward`."""
@@ -268,76 +386,130 @@ class _RowNorms(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_s: Tensor, x_t: Tensor, eps: float) -> Tensor:
         rows, keep, terms, index, wide = _l2_rows(x_s, x_t, eps)
-        ctx.eps = eps
+        ctx.eps, ctx.device_type = eps, x_s.device.type
         ctx.terms, ctx.wide = terms, wide
         ctx.save_for_backward(x_s, x_t, rows, keep, index)
         return rows
 
     @staticmethod
     def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        # backward() may be called inside an autocast region, whose state the backward
+        # pass inherits: keep the products in the precision of the saved inputs
+        with torch.autocast(device_type=ctx.device_type, enabled=False):
+            return _RowNorms._backward(ctx, grad_rows)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x_s, x_t, rows, keep, index = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if torch.is_grad_enabled():
-            # create_graph=True: differentiate a graph-building recomputation from
-            # the saved inputs, so that second derivatives are exact too.
-            inputs = [x for x, wanted in zip((x_s, x_t), need, strict=True) if wanted]
-            grads = iter(torch.autograd.grad(_l2_rows(x_s, x_t, ctx.eps)[0], inputs, grad_rows,
-                                             create_graph=True))
-            return (next(grads) if need[0] else None, next(grads) if need[1] else None, None)
-        c_s, c_t = x_s.shape[1], x_t.shape[1]
+            return _second_order(lambda a, b: _l2_rows(a, b, ctx.eps)[0], grad_rows, x_s, x_t,
+                                 need)
         # d rows_i / d r_i = 1 / (2 rows_i); zero where the row counts as zero
         gamma = torch.where(keep, grad_rows / torch.where(keep, 2 * rows, torch.ones_like(rows)),
                             torch.zeros_like(rows))
-        grad_s, grad_t = _l2_backward(ctx.terms, gamma, c_s, c_t, need)
-        if ctx.wide is not None:
-            wide_s, wide_t = _l2_backward(ctx.wide, gamma[index].double(), c_s, c_t, need)
-            if grad_s is not None and wide_s is not None:
-                grad_s = grad_s.index_copy(0, index, wide_s.to(grad_s.dtype))
-            if grad_t is not None and wide_t is not None:
-                grad_t = grad_t.index_copy(0, index, wide_t.to(grad_t.dtype))
-        return grad_s, grad_t, None
+        return _first_order(_l2_backward, ctx, gamma, x_s, x_t, index, need)
 
 
 # ------------------------------------------------------------------------- squared form
 
 
-class _SymmetricGram(torch.autograd.Function):
-    """:math:`XX^\\top` whose backward is one product, :math:`(G + G^\\top) X`."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return x @ x.mT
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        out: Tensor = (grad + grad.mT) @ x
-        return out
-
-
-def _gram(x: Tensor) -> Tensor:
-    out: Tensor = _SymmetricGram.apply(x)
-    return out
-
-
-def _squared_terms(x_s: Tensor, x_t: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    r""":math:`\lVert S^\top S - T^\top T\rVert_F^2` per image, the size of the
-    terms it is the sum of, and the sum of the squared cosines (see :func:`_refined`)."""
-    s, t = unit_columns(x_s, eps), unit_columns(x_t, eps)
-    if s.shape[1] == t.shape[1]:
-        e = s - t
-        g_tt, g_te, g_ee = _gram(t), t @ e.mT, _gram(e)
+def _squared_terms(x_s: Tensor, x_t: Tensor, eps: float) -> dict[str, Tensor]:
+    r""":math:`\lVert S^\top S - T^\top T\rVert_F^2` per image from the three C x C
+    Grams, the size of the terms it is the sum of and the sum of the squared
+    cosines (see :func:`_refined`), with ``z`` and the Grams for the backward pass."""
+    c_t = x_t.shape[1]
+    z, norm_s, norm_t = _unit_blocks(x_s, x_t, eps)
+    t, second = z[:, :c_t], z[:, c_t:]
+    if x_s.shape[1] == c_t:
+        e = second
+        g_tt, g_te, g_ee = t @ t.mT, t @ e.mT, e @ e.mT
         # ||T'E + E'S||_F^2 with S = T + E, all terms O(delta^2)
         g_ss = g_tt + g_te + g_te.mT + g_ee
         value = (2 * _frobenius_dot(g_tt, g_ee) + 4 * _frobenius_dot(g_te, g_ee)
                  + _frobenius_dot(g_ee, g_ee) + 2 * _frobenius_dot(g_te, g_te.mT))
         size = _frobenius_dot(g_tt, g_ee) + _frobenius_dot(g_ee, g_ss)
-        return value, size, g_ss.square().sum((1, 2)) + g_tt.square().sum((1, 2))
-    g_ss, g_st, g_tt = _gram(s), s @ t.mT, _gram(t)
-    scale = g_ss.square().sum((1, 2)) + g_tt.square().sum((1, 2))
-    # sum_i s_i' G s_i = trace(S' G S) = trace(G S S') = ||G||_F^2
-    return scale - 2 * g_st.square().sum((1, 2)), scale, scale
+        scale = g_ss.square().sum((1, 2)) + g_tt.square().sum((1, 2))
+        grams = (g_tt, g_te, g_ee)
+    else:
+        s = second
+        g_tt, g_ts, g_ss = t @ t.mT, t @ s.mT, s @ s.mT
+        size = scale = g_ss.square().sum((1, 2)) + g_tt.square().sum((1, 2))
+        # sum_i s_i' G s_i = trace(S' G S) = trace(G S S') = ||G||_F^2
+        value = scale - 2 * g_ts.square().sum((1, 2))
+        grams = (g_tt, g_ts, g_ss)
+    return {"value": value, "size": size, "scale": scale, "z": z, "norm_s": norm_s,
+            "norm_t": norm_t, "g1": grams[0], "g2": grams[1], "g3": grams[2]}
+
+
+def _squared_backward(terms: dict[str, Tensor], gamma: Tensor, x_s: Tensor, x_t: Tensor,
+                      need: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
+    r"""Gradients of :math:`\sum_b \gamma_b \lVert D_b \rVert_F^2`: :math:`4\,SD` and
+    :math:`-4\,TD`, one C x 2C x N product per side on ``z`` (E-form
+    :math:`SD = [G_{te} + G_{ee},\ G_{ss}]\,[T; E]` and
+    :math:`TD = [G_{te},\ G_{tt} + G_{te}]\,[T; E]`; otherwise
+    :math:`SD = [-G_{st},\ G_{ss}]\,[T; S]` and :math:`TD = [-G_{tt},\ G_{ts}]\,[T; S]`),
+    with :math:`4\gamma` folded into the small matrix, then the normalisation's
+    backward."""
+    z, g1, g2, g3 = terms["z"], terms["g1"], terms["g2"], terms["g3"]
+    weight = 4 * gamma.view(-1, 1, 1)
+    if x_s.shape[1] == x_t.shape[1]:  # g1, g2, g3 = G_tt, G_te, G_ee
+        on_s = (g2 + g3, g1 + g2 + g2.mT + g3)
+        on_t = (g2, g1 + g2)
+    else:  # g1, g2, g3 = G_tt, G_ts, G_ss
+        on_s = (-g2.mT, g3)
+        on_t = (-g1, g2)
+    grads: list[Tensor | None] = []
+    for x, norm, blocks, factor, wanted in ((x_s, terms["norm_s"], on_s, 1.0, need[0]),
+                                            (x_t, terms["norm_t"], on_t, -1.0, need[1])):
+        g = (torch.cat(blocks, dim=2) * weight) @ z if wanted else None
+        grads.append(None if g is None else _normalization_backward(g, x, norm, factor))
+    return grads[0], grads[1]
+
+
+def _squared_parts(x_s: Tensor, x_t: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    terms = _squared_terms(x_s, x_t, eps)
+    return terms["value"], terms["size"], terms["scale"]
+
+
+class _SquaredDistance(torch.autograd.Function):
+    """:math:`\\lVert S^\\top S - T^\\top T\\rVert_F^2` per image from the raw (B, C, N)
+    maps, with the float64 recomputation of :func:`_refined` and the hand-written
+    backward pass of :func:`_squared_backward`."""
+
+    @staticmethod
+    def forward(ctx: Any, x_s: Tensor, x_t: Tensor, eps: float) -> Tensor:
+        terms = _squared_terms(x_s, x_t, eps)
+        value, size = terms["value"], terms["size"]
+        eps_v = torch.finfo(value.dtype).eps
+        index = value.new_empty(0, dtype=torch.long)
+        wide = None
+        if _wider(value.dtype):
+            index = _ill_conditioned(value, size, terms["scale"]).nonzero().squeeze(1)
+        if index.numel():
+            wide = _squared_terms(x_s[index].double(), x_t[index].double(), eps)
+            value = value.index_copy(0, index, wide["value"].to(value.dtype))
+            size = size.index_copy(0, index, wide["size"].to(value.dtype))
+            eps_v = torch.finfo(torch.float64).eps
+        keep = ~(value <= _ZERO_ULPS * eps_v * size)  # NaN stays NaN
+        ctx.eps, ctx.device_type, ctx.terms, ctx.wide = eps, x_s.device.type, terms, wide
+        ctx.save_for_backward(x_s, x_t, keep, index)
+        return torch.where(keep, value, torch.zeros_like(value))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        with torch.autocast(device_type=ctx.device_type, enabled=False):  # as in _RowNorms
+            return _SquaredDistance._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x_s, x_t, keep, index = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        if torch.is_grad_enabled():
+            return _second_order(lambda a, b: _refined(
+                lambda c, d: _squared_parts(c, d, ctx.eps), a, b), grad, x_s, x_t, need)
+        gamma = torch.where(keep, grad, torch.zeros_like(grad))
+        return _first_order(_squared_backward, ctx, gamma, x_s, x_t, index, need)
 
 
 # ---------------------------------------------------------------------------- dense form
@@ -415,4 +587,5 @@ def squared_distance(x_s: Tensor, x_t: Tensor, *, eps: float, method: str,
     if _use_dense(x_s, x_t, "squared", method):
         return _refined(lambda a, b: _dense_terms(a, b, eps, chunk_size, squared=True),
                         x_s, x_t)
-    return _refined(lambda a, b: _squared_terms(a, b, eps), x_s, x_t)
+    value: Tensor = _SquaredDistance.apply(x_s, x_t, eps)
+    return value
