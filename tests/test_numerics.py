@@ -206,6 +206,25 @@ def test_zero_and_underflowing_positions_on_the_fast_norm_path(loss):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("loss", LOSSES)
+def test_memory_layout_changes_nothing(loss):
+    """channels_last and transposed (non-contiguous) maps give the contiguous maps'
+    values and gradients: the kernel writes into its own buffers from strided views."""
+    g = torch.Generator().manual_seed(7)
+    student, teacher = torch.randn(2, 16, 9, 11, generator=g), torch.randn(2, 16, 9, 11,
+                                                                        generator=g)
+    a, b = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    expected = library(a, b, loss, "linear")
+    expected_grads = torch.autograd.grad(expected.sum(), (a, b))
+    a = student.contiguous(memory_format=torch.channels_last).requires_grad_()
+    b = teacher.mT.contiguous().mT.requires_grad_()
+    assert not b.is_contiguous()
+    actual = library(a, b, loss, "linear")
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-9)
+    for grad, e in zip(torch.autograd.grad(actual.sum(), (a, b)), expected_grads):
+        torch.testing.assert_close(grad, e, rtol=1e-5, atol=1e-9)
+
+
 PER_POSITION = [
     *[(f"affinity {m} {d}", lambda s, t, m=m, d=d: affinity_loss(
         s, t, method=m, distance=d, reduction="none"))
