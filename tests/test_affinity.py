@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from segdistill import AffinityLoss, affinity_loss, affinity_matrix
+from segdistill import AffinityLoss, affinity_loss, affinity_matrix, pairwise_loss
 from segdistill.losses import _gram as gram_module
 
 
@@ -324,8 +324,32 @@ def test_linear_backward_with_one_side_frozen_matches_dense(frozen):
     torch.testing.assert_close(linear, dense, rtol=1e-9, atol=1e-12)
 
 
-def test_linear_second_derivatives_match_gradgradcheck():
-    student = torch.randn(1, 3, 2, 3, dtype=torch.float64, requires_grad=True)
-    teacher = torch.randn(1, 4, 2, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(
-        lambda s, t: affinity_loss(s, t, method="linear"), (student, teacher))
+@pytest.mark.parametrize("teacher_channels", [3, 4])
+@pytest.mark.parametrize("call", [
+    lambda s, t, m: affinity_loss(s, t, method=m),
+    lambda s, t, m: affinity_loss(s, t, method=m, distance="squared"),
+    lambda s, t, m: pairwise_loss(s, t, method=m),
+], ids=["affinity l2", "affinity squared", "pairwise"])
+@pytest.mark.parametrize("method", ["linear", "dense"])
+def test_second_derivatives_match_gradgradcheck(call, method, teacher_channels):
+    """Both kernels' hand-written or own-graph backward passes rebuild a graph under
+    create_graph=True: second derivatives are exact, E-form and unequal channels."""
+    g = torch.Generator().manual_seed(1)
+    student = torch.randn(1, 3, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    teacher = torch.randn(1, teacher_channels, 2, 3, dtype=torch.float64, generator=g,
+                          requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda s, t: call(s, t, method), (student, teacher))
+
+
+@pytest.mark.parametrize("method", ["linear", "dense"])
+def test_backward_twice_with_retain_graph(method):
+    s = torch.randn(2, 4, 3, 3, requires_grad=True)
+    t = torch.randn(2, 4, 3, 3)
+    for call in (lambda: affinity_loss(s, t, method=method),
+                 lambda: pairwise_loss(s, t, method=method)):
+        loss = call()
+        loss.backward(retain_graph=True)
+        first = s.grad.clone()
+        loss.backward()
+        torch.testing.assert_close(s.grad, 2 * first)
+        s.grad = None

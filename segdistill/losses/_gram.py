@@ -541,6 +541,53 @@ def _dense_terms(x_s: Tensor, x_t: Tensor, eps: float, chunk_size: int | None,
     return value, size, scale
 
 
+class _OwnGraph(torch.autograd.Function):
+    """``fn(x_s, x_t)`` differentiated on an autograd graph of its own, whose backward
+    pass runs with autocast off.
+
+    The dense path is differentiated by autograd, and autograd's matmul backward
+    follows the autocast state of the code that calls ``backward()``: inside a
+    bf16 region its gradients would be rounded to bf16 although the forward pass
+    ran in float32. Under ``create_graph=True`` the graph is rebuilt from the
+    inputs (:func:`_second_order`), so second derivatives stay exact.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, fn: Callable[[Tensor, Tensor], Tensor], x_s: Tensor,
+                x_t: Tensor) -> Tensor:
+        leaves = [x.detach().requires_grad_(x.requires_grad) for x in (x_s, x_t)]
+        with torch.enable_grad():
+            out = fn(*leaves)
+        ctx.fn, ctx.out, ctx.leaves, ctx.device_type = fn, out, leaves, x_s.device.type
+        ctx.save_for_backward(x_s, x_t)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None]:
+        x_s, x_t = ctx.saved_tensors
+        need = (ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        with torch.autocast(device_type=ctx.device_type, enabled=False):
+            if torch.is_grad_enabled():
+                grad_s, grad_t, _ = _second_order(ctx.fn, grad, x_s, x_t, need)
+                return None, grad_s, grad_t
+            inputs = [x for x, wanted in zip(ctx.leaves, need, strict=True) if wanted]
+            out, ctx.out = ctx.out, None  # freed as it is differentiated, as autograd does
+            if out is None:  # a second backward pass (the caller retained the graph)
+                with torch.enable_grad():
+                    out = ctx.fn(*ctx.leaves)
+            grads = iter(torch.autograd.grad(out, inputs, grad))
+            return None, next(grads) if need[0] else None, next(grads) if need[1] else None
+
+
+def _own_graph(fn: Callable[[Tensor, Tensor], Tensor], x_s: Tensor, x_t: Tensor) -> Tensor:
+    """:class:`_OwnGraph` where there is a gradient to take and nothing compiles."""
+    if torch.compiler.is_compiling() or not (
+            torch.is_grad_enabled() and (x_s.requires_grad or x_t.requires_grad)):
+        return fn(x_s, x_t)
+    out: Tensor = _OwnGraph.apply(fn, x_s, x_t)
+    return out
+
+
 def _safe_sqrt(r: Tensor) -> Tensor:
     """Square root whose gradient is zero (not infinite) where ``r`` is zero."""
     live = (r > 0) | r.isnan()  # NaN stays NaN
@@ -570,8 +617,8 @@ def row_distances(x_s: Tensor, x_t: Tensor, *, eps: float, method: str,
         - x_s: :math:`(B, C_s, N)`; x_t: :math:`(B, C_t, N)`; output: :math:`(B, N)`.
     """
     if _use_dense(x_s, x_t, "l2", method):
-        return _safe_sqrt(_refined(
-            lambda a, b: _dense_terms(a, b, eps, chunk_size, squared=False), x_s, x_t))
+        return _safe_sqrt(_own_graph(lambda a, b: _refined(
+            lambda c, d: _dense_terms(c, d, eps, chunk_size, squared=False), a, b), x_s, x_t))
     rows: Tensor = _RowNorms.apply(x_s, x_t, eps)
     return rows
 
@@ -585,7 +632,7 @@ def squared_distance(x_s: Tensor, x_t: Tensor, *, eps: float, method: str,
         - x_s: :math:`(B, C_s, N)`; x_t: :math:`(B, C_t, N)`; output: :math:`(B,)`.
     """
     if _use_dense(x_s, x_t, "squared", method):
-        return _refined(lambda a, b: _dense_terms(a, b, eps, chunk_size, squared=True),
-                        x_s, x_t)
+        return _own_graph(lambda a, b: _refined(
+            lambda c, d: _dense_terms(c, d, eps, chunk_size, squared=True), a, b), x_s, x_t)
     value: Tensor = _SquaredDistance.apply(x_s, x_t, eps)
     return value
