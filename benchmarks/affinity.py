@@ -55,7 +55,6 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import shlex
 import signal
@@ -69,6 +68,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # for `examples`
+from examples.segmentation.profiling import cpu_model
 
 # (B, C, H, W, methods). The last case is a 1024 x 2048 Cityscapes frame at output
 # stride 8, where even one N x N matrix per image (4.3 GB) is out of reach for dense.
@@ -321,16 +323,6 @@ def run_case(case: Case, budget_gb: float, timeout_s: float,
         return {"status": "failed (no result on stdout)"}
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def header(device: str) -> str:
     """One line: the machine, torch's threads and version, the device, the command."""
     where = device
@@ -338,7 +330,7 @@ def header(device: str) -> str:
         where = f"{device} ({torch.cuda.get_device_name(device)})"
     command = shlex.join([sys.executable, *sys.argv])
     return (
-        f"Machine: {_cpu_model()}, {torch.get_num_threads()} torch threads; "
+        f"Machine: {cpu_model()}, {torch.get_num_threads()} torch threads; "
         f"torch {torch.__version__}; device {where}; command: `{command}`"
     )
 

@@ -118,7 +118,8 @@ def test_auto_picks_by_shape(monkeypatch):
     calls = []
     monkeypatch.setattr(
         gram_module, "_dense_terms",
-        lambda x_s, *a, **k: calls.append("dense") or (torch.ones(2, x_s.shape[-1]),) * 3,
+        lambda x_s, *a, **k: calls.append("dense")
+        or dict.fromkeys(("value", "size", "scale"), torch.ones(2, x_s.shape[-1])),
     )
     monkeypatch.setattr(
         gram_module._RowNorms, "apply",

@@ -116,20 +116,39 @@ def _ill_conditioned(value: Tensor, size: Tensor, scale: Tensor) -> Tensor:
     return bad.any(1) if bad.ndim == 2 else bad
 
 
-def _refined(compute: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
-             x_s: Tensor, x_t: Tensor) -> Tensor:
-    """``compute(x_s, x_t) -> (value, size, scale)`` with the ill-conditioned images
-    recomputed in float64 and rounding noise set to zero (autograd paths)."""
-    value, size, scale = compute(x_s, x_t)
+_Terms = dict[str, Tensor]
+
+
+def _refined_terms(compute: Callable[[Tensor, Tensor], _Terms], x_s: Tensor, x_t: Tensor
+                   ) -> tuple[Tensor, Tensor, _Terms, Tensor, _Terms | None]:
+    """``compute(x_s, x_t)``, whose terms hold the ``'value'`` (rows (B, N) or totals
+    (B,)) with the ``'size'`` and ``'scale'`` of :func:`_ill_conditioned` (broadcastable
+    to it), with the ill-conditioned images recomputed in float64.
+
+    Returns ``(value, keep, terms, index, wide)``: the value, the mask of entries above
+    rounding noise (in the widest precision used; NaN counts as kept), the
+    working-precision terms, the images recomputed and their float64 terms (``None``
+    if there are none).
+    """
+    terms = compute(x_s, x_t)
+    value, size = terms["value"], terms["size"]
     eps = torch.finfo(value.dtype).eps
+    index = value.new_empty(0, dtype=torch.long)
+    wide = None
     if _wider(value.dtype):
-        index = _ill_conditioned(value, size, scale).nonzero().squeeze(1)
-        if index.numel():
-            wide, wide_size, _ = compute(x_s[index].double(), x_t[index].double())
-            value = value.index_copy(0, index, wide.to(value.dtype))
-            size = size.index_copy(0, index, wide_size.to(value.dtype))
-            eps = torch.finfo(torch.float64).eps
+        index = _ill_conditioned(value, size, terms["scale"]).nonzero().squeeze(1)
+    if index.numel():
+        wide = compute(x_s[index].double(), x_t[index].double())
+        value = value.index_copy(0, index, wide["value"].to(value.dtype))
+        size = size.index_copy(0, index, wide["size"].to(value.dtype))
+        eps = torch.finfo(torch.float64).eps
     keep = ~(value <= _ZERO_ULPS * eps * size)  # NaN stays NaN
+    return value, keep, terms, index, wide
+
+
+def _refined(compute: Callable[[Tensor, Tensor], _Terms], x_s: Tensor, x_t: Tensor) -> Tensor:
+    """:func:`_refined_terms`' value, with rounding noise set to zero (autograd paths)."""
+    value, keep, *_ = _refined_terms(compute, x_s, x_t)
     return torch.where(keep, value, torch.zeros_like(value))
 
 
@@ -245,7 +264,7 @@ def _normalization_backward(g: Tensor, x: Tensor, norm: Tensor, factor: float) -
 # ----------------------------------------------------------------------------- l2 rows
 
 
-def _l2_terms(x_s: Tensor, x_t: Tensor, eps: float) -> dict[str, Tensor]:
+def _l2_terms(x_s: Tensor, x_t: Tensor, eps: float) -> _Terms:
     r"""Squared row norms :math:`r_i = \lVert d_i \rVert^2` with everything the
     backward pass needs: three C x C Grams and the stacked product
     :math:`P = [TD;\, ED]` (or :math:`[TD;\, SD]`), seven :math:`C^2 N`
@@ -280,11 +299,11 @@ def _l2_terms(x_s: Tensor, x_t: Tensor, eps: float) -> dict[str, Tensor]:
         # sum_i ||S's_i||^2 + ||T't_i||^2 = ||G_ss||^2 + ||G_tt||^2
         size = g_ss.square().sum((1, 2)) + g_tt.square().sum((1, 2))
     scale = g_ss.square().sum((1, 2)) + g_tt.square().sum((1, 2))
-    return {"z": z, "p": p, "r": r, "size": size / n, "scale": scale / n,
-            "norm_s": norm_s, "norm_t": norm_t}
+    return {"z": z, "p": p, "value": r, "size": (size / n).unsqueeze(1),
+            "scale": (scale / n).unsqueeze(1), "norm_s": norm_s, "norm_t": norm_t}
 
 
-def _l2_backward(terms: dict[str, Tensor], gamma: Tensor, x_s: Tensor, x_t: Tensor,
+def _l2_backward(terms: _Terms, gamma: Tensor, x_s: Tensor, x_t: Tensor,
                  need: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
     r"""Gradients of :math:`\sum_i \gamma_i r_i` with respect to the raw maps.
 
@@ -323,35 +342,20 @@ def _l2_backward(terms: dict[str, Tensor], gamma: Tensor, x_s: Tensor, x_t: Tens
     return grads[0], grads[1]
 
 
-def _l2_rows(x_s: Tensor, x_t: Tensor, eps: float) -> tuple[Tensor, Tensor, dict[str, Tensor],
-                                                            Tensor, dict[str, Tensor] | None]:
-    """Row norms with the float64 recomputation of ill-conditioned images.
-
-    Returns ``(rows, keep, terms, index, wide_terms)``: the norms (B, N), the
-    mask of rows above rounding noise, the working-precision terms, the images
-    recomputed in float64 and their terms (``None`` if there are none).
-    """
-    terms = _l2_terms(x_s, x_t, eps)
-    r, size = terms["r"], terms["size"].unsqueeze(1)
-    eps_r = torch.finfo(r.dtype).eps
-    index = r.new_empty(0, dtype=torch.long)
-    wide = None
-    if _wider(r.dtype):
-        index = _ill_conditioned(r, size, terms["scale"].unsqueeze(1)).nonzero().squeeze(1)
-    if index.numel():
-        wide = _l2_terms(x_s[index].double(), x_t[index].double(), eps)
-        r = r.index_copy(0, index, wide["r"].to(r.dtype))
-        size = size.index_copy(0, index, wide["size"].unsqueeze(1).to(r.dtype))
-        eps_r = torch.finfo(torch.float64).eps
-    # Below the noise floor (of the widest precision used) a row is zero. NaN stays NaN.
-    keep = ~(r <= _ZERO_ULPS * eps_r * size)
+def _l2_rows(x_s: Tensor, x_t: Tensor, eps: float
+             ) -> tuple[Tensor, Tensor, _Terms, Tensor, _Terms | None]:
+    """Row norms (B, N) with the float64 recomputation of ill-conditioned images; the
+    rest of the tuple as in :func:`_refined_terms`. Below the noise floor a row is
+    zero; NaN stays NaN."""
+    r, keep, terms, index, wide = _refined_terms(
+        lambda a, b: _l2_terms(a, b, eps), x_s, x_t)
     rows = torch.where(keep, torch.where(keep, r, torch.ones_like(r)).sqrt(),
                        torch.zeros_like(r))
     return rows, keep, terms, index, wide
 
 
 _Grads = tuple[Tensor | None, Tensor | None, None]
-_Backward = Callable[[dict[str, Tensor], Tensor, Tensor, Tensor, tuple[bool, bool]],
+_Backward = Callable[[_Terms, Tensor, Tensor, Tensor, tuple[bool, bool]],
                      tuple[Tensor | None, Tensor | None]]
 
 
@@ -414,7 +418,7 @@ class _RowNorms(torch.autograd.Function):
 # ------------------------------------------------------------------------- squared form
 
 
-def _squared_terms(x_s: Tensor, x_t: Tensor, eps: float) -> dict[str, Tensor]:
+def _squared_terms(x_s: Tensor, x_t: Tensor, eps: float) -> _Terms:
     r""":math:`\lVert S^\top S - T^\top T\rVert_F^2` per image from the three C x C
     Grams, the size of the terms it is the sum of and the sum of the squared
     cosines (see :func:`_refined`), with ``z`` and the Grams for the backward pass."""
@@ -442,7 +446,7 @@ def _squared_terms(x_s: Tensor, x_t: Tensor, eps: float) -> dict[str, Tensor]:
             "norm_t": norm_t, "g1": grams[0], "g2": grams[1], "g3": grams[2]}
 
 
-def _squared_backward(terms: dict[str, Tensor], gamma: Tensor, x_s: Tensor, x_t: Tensor,
+def _squared_backward(terms: _Terms, gamma: Tensor, x_s: Tensor, x_t: Tensor,
                       need: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
     r"""Gradients of :math:`\sum_b \gamma_b \lVert D_b \rVert_F^2`: :math:`4\,SD` and
     :math:`-4\,TD`, one C x 2C x N product per side on ``z`` (E-form
@@ -467,11 +471,6 @@ def _squared_backward(terms: dict[str, Tensor], gamma: Tensor, x_s: Tensor, x_t:
     return grads[0], grads[1]
 
 
-def _squared_parts(x_s: Tensor, x_t: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    terms = _squared_terms(x_s, x_t, eps)
-    return terms["value"], terms["size"], terms["scale"]
-
-
 class _SquaredDistance(torch.autograd.Function):
     """:math:`\\lVert S^\\top S - T^\\top T\\rVert_F^2` per image from the raw (B, C, N)
     maps, with the float64 recomputation of :func:`_refined` and the hand-written
@@ -479,19 +478,8 @@ class _SquaredDistance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x_s: Tensor, x_t: Tensor, eps: float) -> Tensor:
-        terms = _squared_terms(x_s, x_t, eps)
-        value, size = terms["value"], terms["size"]
-        eps_v = torch.finfo(value.dtype).eps
-        index = value.new_empty(0, dtype=torch.long)
-        wide = None
-        if _wider(value.dtype):
-            index = _ill_conditioned(value, size, terms["scale"]).nonzero().squeeze(1)
-        if index.numel():
-            wide = _squared_terms(x_s[index].double(), x_t[index].double(), eps)
-            value = value.index_copy(0, index, wide["value"].to(value.dtype))
-            size = size.index_copy(0, index, wide["size"].to(value.dtype))
-            eps_v = torch.finfo(torch.float64).eps
-        keep = ~(value <= _ZERO_ULPS * eps_v * size)  # NaN stays NaN
+        value, keep, terms, index, wide = _refined_terms(
+            lambda a, b: _squared_terms(a, b, eps), x_s, x_t)
         ctx.eps, ctx.device_type, ctx.terms, ctx.wide = eps, x_s.device.type, terms, wide
         ctx.save_for_backward(x_s, x_t, keep, index)
         return torch.where(keep, value, torch.zeros_like(value))
@@ -507,7 +495,7 @@ class _SquaredDistance(torch.autograd.Function):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if torch.is_grad_enabled():
             return _second_order(lambda a, b: _refined(
-                lambda c, d: _squared_parts(c, d, ctx.eps), a, b), grad, x_s, x_t, need)
+                lambda c, d: _squared_terms(c, d, ctx.eps), a, b), grad, x_s, x_t, need)
         gamma = torch.where(keep, grad, torch.zeros_like(grad))
         return _first_order(_squared_backward, ctx, gamma, x_s, x_t, index, need)
 
@@ -516,7 +504,7 @@ class _SquaredDistance(torch.autograd.Function):
 
 
 def _dense_terms(x_s: Tensor, x_t: Tensor, eps: float, chunk_size: int | None,
-                 squared: bool) -> tuple[Tensor, Tensor, Tensor]:
+                 squared: bool) -> _Terms:
     """Rows of :math:`D` in blocks (E-form with equal channels): squared row norms
     (B, N), or with ``squared`` their sum (B,); with the size of the two products
     each row is the sum of, and the bound :math:`2N` on the squared cosines."""
@@ -537,8 +525,8 @@ def _dense_terms(x_s: Tensor, x_t: Tensor, eps: float, chunk_size: int | None,
     value, size = torch.cat(values, dim=1), torch.cat(sizes, dim=1)
     scale = torch.full_like(size, 2.0 * n)
     if squared:
-        return value.sum(1), size.sum(1), scale.sum(1)
-    return value, size, scale
+        value, size, scale = value.sum(1), size.sum(1), scale.sum(1)
+    return {"value": value, "size": size, "scale": scale}
 
 
 class _OwnGraph(torch.autograd.Function):
@@ -588,6 +576,14 @@ def _own_graph(fn: Callable[[Tensor, Tensor], Tensor], x_s: Tensor, x_t: Tensor)
     return out
 
 
+def _dense(x_s: Tensor, x_t: Tensor, eps: float, chunk_size: int | None,
+           squared: bool) -> Tensor:
+    """The dense form: :func:`_dense_terms` refined (:func:`_refined`), on a graph of
+    its own (:func:`_own_graph`)."""
+    return _own_graph(lambda a, b: _refined(
+        lambda c, d: _dense_terms(c, d, eps, chunk_size, squared), a, b), x_s, x_t)
+
+
 def _safe_sqrt(r: Tensor) -> Tensor:
     """Square root whose gradient is zero (not infinite) where ``r`` is zero."""
     live = (r > 0) | r.isnan()  # NaN stays NaN
@@ -617,8 +613,7 @@ def row_distances(x_s: Tensor, x_t: Tensor, *, eps: float, method: str,
         - x_s: :math:`(B, C_s, N)`; x_t: :math:`(B, C_t, N)`; output: :math:`(B, N)`.
     """
     if _use_dense(x_s, x_t, "l2", method):
-        return _safe_sqrt(_own_graph(lambda a, b: _refined(
-            lambda c, d: _dense_terms(c, d, eps, chunk_size, squared=False), a, b), x_s, x_t))
+        return _safe_sqrt(_dense(x_s, x_t, eps, chunk_size, squared=False))
     rows: Tensor = _RowNorms.apply(x_s, x_t, eps)
     return rows
 
@@ -632,7 +627,6 @@ def squared_distance(x_s: Tensor, x_t: Tensor, *, eps: float, method: str,
         - x_s: :math:`(B, C_s, N)`; x_t: :math:`(B, C_t, N)`; output: :math:`(B,)`.
     """
     if _use_dense(x_s, x_t, "squared", method):
-        return _own_graph(lambda a, b: _refined(
-            lambda c, d: _dense_terms(c, d, eps, chunk_size, squared=True), a, b), x_s, x_t)
+        return _dense(x_s, x_t, eps, chunk_size, squared=True)
     value: Tensor = _SquaredDistance.apply(x_s, x_t, eps)
     return value
