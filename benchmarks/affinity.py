@@ -65,16 +65,27 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # for `examples`
 from examples.segmentation.profiling import cpu_model
 
+if TYPE_CHECKING:
+    from segdistill.losses.affinity import Distance, Method
+
+    CaseMethod: TypeAlias = Method | Literal["dense_full", "fused"]
+    """The library's methods, and the two forms that only this benchmark times."""
+    CaseRow: TypeAlias = tuple[int, int, int, int, tuple[CaseMethod, ...]]
+    """(B, C, H, W, methods)."""
+
+Shape: TypeAlias = tuple[int, int, int]
+"""A batched matrix product's operand: (batch, rows, columns)."""
+
 # (B, C, H, W, methods). The last case is a 1024 x 2048 Cityscapes frame at output
 # stride 8, where even one N x N matrix per image (4.3 GB) is out of reach for dense.
-CASES: list[tuple[int, int, int, int, tuple[str, ...]]] = [
+CASES: list[CaseRow] = [
     (4, 256, 32, 32, ("dense", "linear")),
     (4, 256, 64, 64, ("dense", "linear")),
     (4, 256, 128, 128, ("dense", "linear")),
@@ -97,8 +108,8 @@ class Case:
     channels: int
     height: int
     width: int
-    method: str
-    distance: str
+    method: CaseMethod
+    distance: Distance
     device: str
     repeats: int
     loss: str = "affinity"
@@ -182,7 +193,7 @@ def _make_step(case: Case) -> Callable[[], None]:
             loss = affinity_loss(
                 student, teacher, distance=case.distance, method=method, chunk_size=chunk
             )
-        loss.backward()
+        torch.autograd.backward(loss)
         student.grad = None  # each pass allocates its gradient afresh, as in training
 
     return step
@@ -194,7 +205,7 @@ def _sync(cuda: bool) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_products(case: Case) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+def matmul_products(case: Case) -> list[tuple[Shape, Shape]]:
     """The operand shapes of the batched products the linear path runs for ``case``.
 
     Equal channel counts C, teacher frozen. Row-wise L2 (``segdistill.losses._gram``):
@@ -371,7 +382,7 @@ TABLE_HEAD = (
 )
 
 
-def selected_cases(args: argparse.Namespace) -> list[tuple[int, int, int, int, tuple[str, ...]]]:
+def selected_cases(args: argparse.Namespace) -> list[CaseRow]:
     sizes = QUICK_SIZES if args.quick else args.sizes
     cases = [c for c in CASES if sizes is None or f"{c[2]}x{c[3]}" in sizes]
     if args.dense_full:

@@ -516,8 +516,8 @@ def torchrun_commands(plan: Plan, tree: Tree, root: Path | None, runs: Path
               steps, "--checkpoint-every", steps, "--log-every", "1", *plan.torchrun_flags,
               *tree.flags]
     return [[sys.executable, *LAUNCHER, *stage, *common]
-            for stage in (["all"], ["export", "--models", "distill-paper", "--formats",
-                                    *plan.formats])]
+            for stage in (["all"], ["export", "--models", "distill-knowledge_adaptation",
+                                    "--formats", *plan.formats])]
 
 
 def torchrun(check: Check, part: Part, tree: Tree) -> None:
@@ -541,7 +541,7 @@ def torchrun(check: Check, part: Part, tree: Tree) -> None:
             break
     part.status = status
     summary = runs / "summary.md"
-    export = runs / "distill-paper" / "export" / "export.json"
+    export = runs / "distill-knowledge_adaptation" / "export" / "export.json"
     lines = [f"## Every stage under torchrun, {dataset}: synthetic {tree.size[0]} x "
              f"{tree.size[1]} images, {tree.train} train, {tree.val} val, {steps} steps per "
              "stage", "", summary.read_text() if summary.is_file() else

@@ -46,7 +46,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import get_args
+from typing import cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -60,11 +60,15 @@ from examples.segmentation import models  # noqa: E402
 from examples.segmentation.config import TeacherLayer  # noqa: E402
 from examples.segmentation.profiling import cpu_model  # noqa: E402
 from segdistill import (  # noqa: E402
+    DistillationOutput,
+    DistillationTerm,
     DistillationWrapper,
     FeatureHooks,
     Translator,
+    presets,
     reconstruction_loss,
 )
+from segdistill.hooks import probe_features  # noqa: E402
 
 NETWORKS = {"paper": ("deeplabv3_resnet50", "mobilenet_v2", 3, 21),
             "digits": ("digits_os4", "digits_os8", 1, 11)}
@@ -128,7 +132,7 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     def step() -> None:
         value = loss()
         optimizer.zero_grad(set_to_none=True)
-        value.backward()
+        torch.autograd.backward(value)
         optimizer.step()
     return step
 
@@ -218,7 +222,7 @@ class Bench:
 
     # ---- the steps that read the teacher's layer ------------------------------------------
 
-    def teacher_layer(self, reading: str) -> tuple[str, int]:
+    def teacher_layer(self, reading: TeacherLayer) -> tuple[str, int]:
         """The module path and channels of the teacher's feature map that ``reading`` names
         (the pipeline's ``--teacher-layer``), its channels checked on one image of the
         batch (a forward pass without gradients, in eval mode).
@@ -226,21 +230,12 @@ class Bench:
         Raises:
             ValueError: if the map there has other channels than the architecture says.
         """
-        layer, channels = models.TEACHERS[self.t_name].layer(reading)
-        hooks = FeatureHooks(self.teacher, {"t": layer})
-        training = self.teacher.training
-        try:
-            with torch.no_grad():
-                self.teacher.eval()(self.x[:1])
-            found = hooks.pop()["t"].shape[1]
-        finally:
-            hooks.remove()
-            self.teacher.train(training)
-        if found != channels:
-            raise ValueError(f"the teacher's {layer} has {found} channels, not {channels}")
-        return layer, channels
+        spec = models.TEACHERS[self.t_name].layer(reading)
+        probed = probe_features(self.teacher, {"t": spec}, self.x[:1], "teacher")["t"]
+        assert probed.channels is not None  # probe_features raised on a mismatch
+        return spec.layer, probed.channels
 
-    def layer_steps(self, reading: str) -> None:
+    def layer_steps(self, reading: TeacherLayer) -> None:
         """The translator and distillation steps at one reading of the teacher's layer, and
         the distillation step's parts."""
         layer, channels = self.teacher_layer(reading)
@@ -267,14 +262,15 @@ class Bench:
             self.row("translator", "translator step", reading, amp, s, peak, gflop)
         hooks.remove()
 
-        wrapper = DistillationWrapper.knowledge_adaptation(
-            teacher, self.student, teacher_layer=layer, student_layer=s_arch.features,
-            translator=translator, student_channels=s_arch.channels).to(self.device)
+        wrapper = presets.knowledge_adaptation(
+            teacher, self.student, teacher_layer=layer,
+            student_layer=s_arch.features,
+            translator=translator).to(self.device)
         wrapper.train()
         optimizer = _sgd(wrapper.trainable_parameters())
 
         def distill_loss() -> Tensor:
-            out = wrapper(x, target=y)
+            out: DistillationOutput = wrapper(x, target=y)
             return F.cross_entropy(out.output, y) + out.loss
 
         distill_step = _train_step(wrapper, optimizer, distill_loss)
@@ -320,9 +316,12 @@ class Bench:
         """The distillation step's parts, each on inputs made once (detached from the
         others), with the gradients the other parts would send it."""
         x, y, student = self.x, self.y, self.student
-        adaptation, affinity = wrapper.terms["adaptation"], wrapper.terms["affinity"]
+        # nn.ModuleDict holds plain modules: the preset's terms are DistillationTerms
+        adaptation = cast(DistillationTerm, wrapper.terms["adaptation"])
+        affinity = cast(DistillationTerm, wrapper.terms["affinity"])
         encoder = adaptation.teacher_transform
         assert encoder is not None and adaptation.student_adapter is not None
+        assert affinity.student_adapter is not None
         adapters = (adaptation.student_adapter, affinity.student_adapter)
         t_hooks = FeatureHooks(self.teacher, {"t": layer})
         s_hooks = FeatureHooks(student, {"s": models.STUDENTS[self.s_name].features})
@@ -330,10 +329,10 @@ class Bench:
                 torch.no_grad():
             self.teacher(x)
             t = t_hooks.pop()["t"]
-            code = encoder(t)
+            code: Tensor = encoder(t)
             student(x)
             s = s_hooks.pop()["s"]
-            adapted = [a(s) for a in adapters]
+            adapted: list[Tensor] = [a(s) for a in adapters]
         grad_s = torch.randn_like(s) * 1e-3
         grad_adapted = [torch.randn_like(a) * 1e-3 for a in adapted]
 
@@ -348,21 +347,22 @@ class Bench:
 
         def student_part() -> None:
             loss = F.cross_entropy(student(x), y) + (s_hooks.pop()["s"] * grad_s).sum()
-            loss.backward()
+            torch.autograd.backward(loss)
             student.zero_grad(set_to_none=True)
 
         def adapters_part() -> None:
             leaf = s.detach().requires_grad_()
-            sum((a(leaf) * g).sum() for a, g in zip(adapters, grad_adapted, strict=True)
-                ).backward()  # type: ignore[union-attr]
+            summed = sum((a(leaf) * g).sum() for a, g in zip(adapters, grad_adapted, strict=True))
+            assert isinstance(summed, Tensor)  # not sum()'s 0 of no terms: there are two
+            torch.autograd.backward(summed)
             for a in adapters:
                 a.zero_grad(set_to_none=True)
 
         def losses_part() -> None:
             f, g = (a.detach().requires_grad_() for a in adapted)
-            loss = adaptation.weight * adaptation.loss(f, code) + \
+            loss: Tensor = adaptation.weight * adaptation.loss(f, code) + \
                 affinity.weight * affinity.loss(g, code)
-            loss.backward()
+            torch.autograd.backward(loss)
 
         total = total_gflop = 0.0
         for name, step in (("teacher forward", teacher_forward),

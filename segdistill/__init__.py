@@ -3,11 +3,15 @@
 Implements He et al., "Knowledge Adaptation for Efficient Semantic
 Segmentation" (CVPR 2019) as composable modules with functional twins, beside
 the baselines it is compared with (KD, FitNet, attention transfer, pair-wise
-similarity and channel-wise distillation).
+similarity and channel-wise distillation). The presets that wire each method into a
+:class:`DistillationWrapper` are in :mod:`segdistill.presets`, by name in
+:data:`segdistill.presets.PRESETS`.
 """
 
+from segdistill import presets
 from segdistill.adapter import Adapter
 from segdistill.checkpoint import load_checkpoint, save_checkpoint
+from segdistill.feature_spec import FeatureSpec
 from segdistill.hooks import FeatureHooks
 from segdistill.losses import (
     AdaptationLoss,
@@ -30,7 +34,11 @@ from segdistill.losses import (
     reconstruction_loss,
 )
 from segdistill.translator import Translator, TranslatorOutput
-from segdistill.translator_training import TranslatorTraining, train_translator
+from segdistill.translator_training import (
+    TranslatorTraining,
+    TranslatorTrainingConfig,
+    train_translator,
+)
 from segdistill.visualize import pixel_affinity
 from segdistill.wrapper import DistillationOutput, DistillationTerm, DistillationWrapper
 
@@ -46,6 +54,7 @@ __all__ = [
     "DistillationTerm",
     "DistillationWrapper",
     "FeatureHooks",
+    "FeatureSpec",
     "FitNetLoss",
     "KDLoss",
     "PairwiseLoss",
@@ -53,6 +62,7 @@ __all__ = [
     "Translator",
     "TranslatorOutput",
     "TranslatorTraining",
+    "TranslatorTrainingConfig",
     "__version__",
     "adaptation_loss",
     "affinity_loss",
@@ -65,6 +75,7 @@ __all__ = [
     "load_checkpoint",
     "pairwise_loss",
     "pixel_affinity",
+    "presets",
     "reconstruction_loss",
     "save_checkpoint",
     "train_translator",

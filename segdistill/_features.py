@@ -11,11 +11,16 @@ from torch import Tensor
 
 from segdistill._checks import check_choice, compute_dtype
 
-__all__ = ["RESIZE_MODES", "Resize", "align_grids", "full_precision", "normalize_channels",
-           "safe_norm"]
+__all__ = ["RESIZE_MODES", "Resize", "align_grids", "check_resize", "full_precision",
+           "normalize_channels", "safe_norm"]
 
 Resize = Literal["none", "student", "teacher"]
 RESIZE_MODES: tuple[str, ...] = get_args(Resize)
+
+
+def check_resize(resize: object) -> None:
+    """Raise ``ValueError`` unless ``resize`` is ``'none'``, ``'student'`` or ``'teacher'``."""
+    check_choice("resize", resize, RESIZE_MODES)
 
 
 def full_precision(*tensors: Tensor) -> tuple[AbstractContextManager[None], list[Tensor]]:
@@ -31,13 +36,14 @@ def full_precision(*tensors: Tensor) -> tuple[AbstractContextManager[None], list
     return ctx, [t.to(dtype) for t in tensors]
 
 
-def align_grids(
-    student: Tensor, teacher: Tensor, resize: Resize = "none", term: str | None = None
-) -> tuple[Tensor, Tensor]:
+def align_grids(student: Tensor, teacher: Tensor,
+                resize: Resize = "none") -> tuple[Tensor, Tensor]:
     """Put a student and a teacher (B, C, H, W) map on one H x W grid: the library's one rule.
 
-    Every loss with a ``resize`` option and every
-    :class:`~segdistill.DistillationTerm` decides here, with the same default:
+    Every loss with a ``resize`` option decides here, and it is the only owner
+    of the grid in a call: a :class:`~segdistill.DistillationTerm` hands the
+    maps to its loss as they are. ``resize`` is validated once, by the caller
+    (when a loss module is built, or at the top of a functional loss):
 
     - Equal grids pass through.
     - ``resize='student'`` resizes the teacher's map onto the student's grid,
@@ -53,15 +59,14 @@ def align_grids(
     Args:
         student: the student's map.
         teacher: the teacher's map.
-        resize: ``'none'``, ``'student'`` or ``'teacher'``.
-        term: the distillation term, named in the error message.
+        resize: ``'none'``, ``'student'`` or ``'teacher'`` (already validated).
 
     Returns:
         The two maps on one grid.
 
     Raises:
-        ValueError: an unknown ``resize``, or grids that differ by more than
-            stride rounding with ``resize='none'``.
+        ValueError: grids that differ by more than stride rounding with
+            ``resize='none'``.
 
     Example:
         >>> s, t = torch.zeros(1, 2, 33, 33), torch.zeros(1, 2, 32, 32)
@@ -70,7 +75,6 @@ def align_grids(
         >>> [tuple(x.shape[-2:]) for x in align_grids(s, torch.zeros(1, 2, 65, 65), "teacher")]
         [(65, 65), (65, 65)]
     """
-    check_choice("resize", resize, RESIZE_MODES)
     s_size, t_size = tuple(student.shape[-2:]), tuple(teacher.shape[-2:])
     if s_size == t_size:
         return student, teacher
@@ -81,9 +85,8 @@ def align_grids(
     if all(abs(s - t) <= 1 for s, t in zip(s_size, t_size, strict=True)):
         return student, F.interpolate(teacher, size=s_size, mode="bilinear", align_corners=True)
     ratio = max(max(t / s, s / t) for s, t in zip(s_size, t_size, strict=True))
-    prefix = "" if term is None else f"term {term!r}: "
     raise ValueError(
-        f"{prefix}expected student and teacher features on the same H x W, got {s_size} and "
+        f"expected student and teacher features on the same H x W, got {s_size} and "
         f"{t_size}; pass resize='student' or resize='teacher' to interpolate one onto the "
         f"other's grid (the grids differ by about {ratio:.3g}x, more than the one cell of "
         "stride rounding that resize='none' aligns; or hook layers at matching output strides)"

@@ -26,9 +26,9 @@ def reduce_loss(loss: Tensor, reduction: str) -> Tensor:
     Args:
         loss: the unreduced terms, any shape.
         reduction: ``'none'`` returns ``loss`` unchanged, ``'mean'`` its mean and
-            ``'sum'`` its sum over all elements.
+            ``'sum'`` its sum over all elements (validated once by the caller,
+            with :func:`check_reduction`).
     """
-    check_reduction(reduction)
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":

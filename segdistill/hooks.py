@@ -1,24 +1,24 @@
-"""Capture intermediate features of any eager model by dotted module path.
+r"""Capture intermediate features of any eager model by dotted module path.
 
-A layer path is a dotted module path (``'backbone.layer4'``), optionally
-followed by Python indexing selectors for a module that returns a list, a
-tuple or a mapping: ``'encoder[-1]'``, ``"backbone['high']"``,
-``"encoder['hidden_states'][2]"``. A model's final output (its logits) is
-picked by :func:`select_output`.
+Layers are named by layer paths or :class:`~segdistill.FeatureSpec`\ s
+(:mod:`segdistill.feature_spec`); a model's final output (its logits) is picked by
+:func:`select_output`.
 """
 
 from __future__ import annotations
 
-import ast
 import difflib
-import re
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, TypeAlias, cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from segdistill.feature_spec import FeatureLike, FeatureSpec, Selector, as_spec, parse_layer
 
 __all__ = [
     "FeatureHooks",
@@ -26,21 +26,15 @@ __all__ = [
     "Selector",
     "feature_shapes",
     "parse_layer",
+    "probe_features",
     "resolve_module",
     "select_output",
     "take_feature",
     "unwrap_model",
 ]
 
-Selector: TypeAlias = str | int
-"""One indexing step into a structured output: a mapping key or a sequence index."""
-
 OutputSelector: TypeAlias = str | int | Callable[[Any], Tensor] | None
 """How to find the logits in a model's output: see :func:`select_output`."""
-
-_SELECTOR = re.compile(r"\[\s*(-?\d+|'[^']*'|\"[^\"]*\")\s*\]")
-_SYNTAX = ("Python indexing with an int or a quoted key, e.g. 'encoder[-1]' or "
-           "\"backbone['high']\"")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -72,45 +66,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = cast(nn.Module, model._orig_mod)
         else:
             return model
-
-
-def parse_layer(layer: str) -> tuple[str, tuple[Selector, ...]]:
-    """Split a layer path into its dotted module path and its selectors.
-
-    Args:
-        layer: e.g. ``'backbone.layer4'``, ``'encoder[-1]'`` or ``"backbone['high']"``.
-
-    Returns:
-        The module path and the selectors, in order.
-
-    Raises:
-        TypeError: ``layer`` is not a string.
-        ValueError: a selector is not an int or a quoted key in brackets.
-
-    Example:
-        >>> parse_layer("encoder[-1]")
-        ('encoder', (-1,))
-        >>> parse_layer("backbone['high']")
-        ('backbone', ('high',))
-        >>> parse_layer("backbone.layer4")
-        ('backbone.layer4', ())
-    """
-    if not isinstance(layer, str):
-        raise TypeError(f"expected a layer path (str), got {type(layer).__name__}")
-    start = layer.find("[")
-    if start < 0:
-        return layer, ()
-    path, rest = layer[:start], layer[start:]
-    selectors: list[Selector] = []
-    position = 0
-    while position < len(rest):
-        match = _SELECTOR.match(rest, position)
-        if match is None:
-            raise ValueError(f"layer path {layer!r} has an invalid selector "
-                             f"{rest[position:]!r}; use {_SYNTAX}")
-        selectors.append(cast(Selector, ast.literal_eval(match.group(1))))
-        position = match.end()
-    return path, tuple(selectors)
 
 
 def resolve_module(model: nn.Module, path: str, shown: str | None = None) -> nn.Module:
@@ -295,7 +250,8 @@ class FeatureHooks:
     Args:
         model: the model to watch (compiled or DDP-wrapped models are
             unwrapped; paths are those of the user's model).
-        layers: ``{name: layer path}``, or a sequence of layer paths used as names.
+        layers: ``{name: layer path or FeatureSpec}``, or a sequence of them
+            (named by their layer paths).
         owner: how messages call the model (``'teacher'``, ``'student'``).
 
     Raises:
@@ -313,23 +269,24 @@ class FeatureHooks:
         >>> hooks.remove()
     """
 
-    def __init__(self, model: nn.Module, layers: Mapping[str, str] | Sequence[str],
+    def __init__(self, model: nn.Module,
+                 layers: Mapping[str, FeatureLike] | Sequence[FeatureLike],
                  owner: str = "model") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-        if isinstance(layers, str) or not isinstance(layers, (Mapping, Sequence)):
+        if isinstance(layers, (str, FeatureSpec)) or not isinstance(layers, (Mapping, Sequence)):
             raise TypeError(
-                "expected layers as a mapping {name: module_path} or a sequence of paths, "
-                f"got {type(layers).__name__}"
+                "expected layers as a mapping {name: layer path or FeatureSpec} or a sequence "
+                f"of them, got {type(layers).__name__}"
             )
-        mapping = dict(layers) if isinstance(layers, Mapping) else {p: p for p in layers}
-        self.layers: dict[str, str] = mapping
+        specs = ({name: as_spec(layer, f"layer {name!r}") for name, layer in layers.items()}
+                 if isinstance(layers, Mapping) else
+                 {spec.layer: spec for spec in (as_spec(layer) for layer in layers)})
+        self.specs: dict[str, FeatureSpec] = specs
+        self.layers: dict[str, str] = {name: spec.layer for name, spec in specs.items()}
         self.owner = owner
-        self._selectors: dict[str, tuple[Selector, ...]] = {}
-        self._modules: dict[str, nn.Module] = {}
-        for name, layer in mapping.items():
-            path, self._selectors[name] = parse_layer(layer)
-            self._modules[name] = resolve_module(model, path, layer)
+        self._modules = {name: resolve_module(model, spec.module_path, spec.layer)
+                         for name, spec in specs.items()}
         self._features: dict[str, Any] = {}
         self._handles: list[RemovableHandle] = []
         self.attach()
@@ -361,7 +318,7 @@ class FeatureHooks:
         """
         features, self._features = self._features, {}
         return {
-            name: _select_layer(value, self.layers[name], self._selectors[name],
+            name: _select_layer(value, self.layers[name], self.specs[name].selectors,
                                 f"the {self.owner}'s layer")
             for name, value in features.items()
         }
@@ -392,7 +349,28 @@ class FeatureHooks:
         return f"FeatureHooks({self.layers})"
 
 
-def feature_shapes(model: nn.Module, layers: Mapping[str, str] | Sequence[str],
+def _probe(model: nn.Module, layers: Mapping[str, FeatureLike] | Sequence[FeatureLike],
+           example_input: Any, owner: str) -> tuple[FeatureHooks, Any, dict[str, Tensor]]:
+    """One no-grad forward in eval mode with hooks on ``layers``: the hooks (already
+    removed), the output and every layer's capture. The train/eval flags are restored."""
+    hooks = FeatureHooks(model, layers, owner)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(example_input)
+        captured = hooks.pop()
+    finally:
+        hooks.remove()
+        for module, mode in modes:
+            module.training = mode
+    for name in hooks.layers:
+        if name not in captured:
+            raise RuntimeError(f"{hooks.what(name)} did not run in the {owner}'s forward")
+    return hooks, out, captured
+
+
+def feature_shapes(model: nn.Module, layers: Mapping[str, FeatureLike] | Sequence[FeatureLike],
                    example_input: Any, *, output: OutputSelector = None,
                    with_output: bool = True, owner: str = "model") -> dict[str, torch.Size]:
     """The shapes of a model's features and logits on one batch, from a no-grad forward.
@@ -403,7 +381,7 @@ def feature_shapes(model: nn.Module, layers: Mapping[str, str] | Sequence[str],
 
     Args:
         model: the model.
-        layers: ``{name: layer path}`` or a sequence of layer paths.
+        layers: ``{name: layer path or FeatureSpec}`` or a sequence of them.
         example_input: one batch, as the model takes it.
         output: how to find the logits (see :func:`select_output`).
         with_output: also return the logits' shape, under ``'output'``.
@@ -422,22 +400,64 @@ def feature_shapes(model: nn.Module, layers: Mapping[str, str] | Sequence[str],
         >>> {k: tuple(v) for k, v in shapes.items()}
         {'stem': (1, 8, 16, 16), 'output': (1, 2, 16, 16)}
     """
-    hooks = FeatureHooks(model, layers, owner)
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            out = model(example_input)
-        features = hooks.pop()
-    finally:
-        hooks.remove()
-        for module, mode in modes:
-            module.training = mode
-    shapes: dict[str, torch.Size] = {}
-    for name in hooks.layers:
-        if name not in features:
-            raise RuntimeError(f"{hooks.what(name)} did not run in the {owner}'s forward")
-        shapes[name] = features[name].shape
+    hooks, out, captured = _probe(model, layers, example_input, owner)
+    shapes = {name: captured[name].shape for name in hooks.layers}
     if with_output:
         shapes["output"] = select_output(out, output, f"the {owner}'s output").shape
     return shapes
+
+
+def _stride(example_input: Any, feature: Tensor) -> int | None:
+    """The output stride of ``feature`` on an image batch, rounded (513 / 65 -> 8)."""
+    if not isinstance(example_input, Tensor) or example_input.ndim != 4 or feature.ndim != 4:
+        return None
+    ratio = example_input.shape[-2] / max(feature.shape[-2], 1)
+    return max(1, round(ratio)) if math.isfinite(ratio) else None
+
+
+def probe_features(model: nn.Module, specs: Mapping[str, FeatureLike], example_input: Any,
+                   owner: str = "model") -> dict[str, FeatureSpec]:
+    """Each spec with its channels and stride read from one no-grad forward on
+    ``example_input``.
+
+    Every layer path is resolved once, for all the specs; the model runs in
+    eval mode (batch-norm statistics are not updated), its train/eval flags
+    are restored, and no hook is left behind.
+
+    Args:
+        model: the model.
+        specs: ``{name: layer path or FeatureSpec}``.
+        example_input: one batch, as the model takes it.
+        owner: how messages call the model (``'teacher'``, ``'student'``).
+
+    Returns:
+        ``{name: FeatureSpec}`` with ``channels`` (and, for an image batch,
+        ``stride``) filled in.
+
+    Raises:
+        ValueError: a layer does not give a 4-D map, or a spec's channels
+            differ from the ones read (the message says which to pass).
+        RuntimeError: a layer did not run in the forward.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 2, 1))
+        >>> probe_features(model, {"f": "0"}, torch.zeros(1, 3, 32, 32))
+        {'f': FeatureSpec(layer='0', channels=8, stride=2)}
+    """
+    hooks, _, captured = _probe(model, specs, example_input, owner)
+    probed: dict[str, FeatureSpec] = {}
+    for name, spec in hooks.specs.items():
+        x = captured[name]
+        if x.ndim != 4:
+            raise ValueError(f"expected {hooks.what(name)} to give a 4-D (B, C, H, W) tensor, "
+                             f"got shape {tuple(x.shape)}")
+        channels = int(x.shape[1])
+        if spec.channels is not None and spec.channels != channels:
+            raise ValueError(
+                f"{hooks.what(name)} has {channels} channels on example_input, but its "
+                f"FeatureSpec says channels={spec.channels}; pass channels={channels} or "
+                "leave it out"
+            )
+        probed[name] = replace(spec, channels=channels,
+                               stride=spec.stride or _stride(example_input, x))
+    return probed

@@ -1,27 +1,42 @@
 r"""Presets: the paper's method and the baselines, each a few :class:`DistillationTerm`\ s.
 
-Every preset returns a :class:`~segdistill.DistillationWrapper` and shares
-its conventions: layer paths with selectors (``'encoder[-1]'``,
-``"backbone['high']"``), ``teacher_output=`` / ``student_output=`` to find
-each model's logits, and one resize rule with one default, ``resize='none'``
-(grids may differ by one cell of stride rounding; a real mismatch raises and
-names ``resize=``). Channel counts a preset needs may be left out when
-``example_input=`` (one batch) is given: they are read from one no-grad
-forward of both models, at construction, so
-:meth:`~segdistill.DistillationWrapper.trainable_parameters` is complete
-before the optimiser is built.
+Every preset is a typed function that returns a :class:`~segdistill.DistillationWrapper`,
+registered by name in :data:`PRESETS` (the pipeline's ``--method`` choices are these
+names). The dependency points one way: this module imports the wrapper, the wrapper
+knows nothing of the presets. Register your own with :func:`register_preset`.
+
+The presets share their conventions: a layer is a layer path with selectors
+(``'encoder[-1]'``, ``"backbone['high']"``) or a :class:`~segdistill.FeatureSpec` that
+also declares its channels; ``teacher_output=`` / ``student_output=`` find each model's
+logits (presets on logits only); ``resize`` is handed to the loss, the one owner of the
+grid, with one default, ``'none'`` (grids may differ by one cell of stride rounding; a
+real mismatch raises and names ``resize=``). Channels a preset needs may be left out of
+the specs when ``example_input=`` (one batch) is given: they are read from one no-grad
+forward of each model at construction, so
+:meth:`~segdistill.DistillationWrapper.trainable_parameters` is complete before the
+optimiser is built.
+
+Example:
+    >>> sorted(PRESETS)
+    ['attention_transfer', 'cwd', 'fitnet', 'kd', 'knowledge_adaptation', 'pairwise']
+    >>> get_preset("kd") is kd
+    True
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from types import MappingProxyType
+from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
 from segdistill._checks import check_real
 from segdistill._features import Resize
 from segdistill.adapter import Adapter
-from segdistill.hooks import OutputSelector, feature_shapes
+from segdistill.feature_spec import FeatureLike, FeatureSpec, as_spec
+from segdistill.hooks import OutputSelector, probe_features
 from segdistill.losses.adaptation import AdaptationLoss
 from segdistill.losses.affinity import AffinityLoss
 from segdistill.losses.attention import AttentionTransferLoss
@@ -32,10 +47,76 @@ from segdistill.losses.pairwise import PairwiseLoss
 from segdistill.translator import Translator
 from segdistill.wrapper import OUTPUT, DistillationTerm, DistillationWrapper
 
-__all__ = ["attention_transfer", "cwd", "fitnet", "kd", "knowledge_adaptation", "pairwise"]
+__all__ = [
+    "FEATURES",
+    "PRESETS",
+    "Preset",
+    "attention_transfer",
+    "cwd",
+    "fitnet",
+    "get_preset",
+    "kd",
+    "knowledge_adaptation",
+    "pairwise",
+    "register_preset",
+]
 
 FEATURES = "features"
 """The name under which a single-layer preset captures its layer on each side."""
+
+Preset = Callable[..., DistillationWrapper]
+"""A preset: ``preset(teacher, student, **options) -> DistillationWrapper``."""
+
+P = TypeVar("P", bound=Preset)
+
+_REGISTRY: dict[str, Preset] = {}
+PRESETS: Mapping[str, Preset] = MappingProxyType(_REGISTRY)
+"""Every registered preset by name (read-only; add to it with :func:`register_preset`)."""
+
+
+def register_preset(name: str) -> Callable[[P], P]:
+    """Register a preset function under ``name`` in :data:`PRESETS`; use as a decorator.
+
+    The function keeps its own typed signature; the registry only maps the
+    name to it.
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        ValueError: ``name`` is not an identifier, or is taken.
+
+    Example:
+        >>> @register_preset("my_kd")
+        ... def my_kd(teacher: nn.Module, student: nn.Module) -> DistillationWrapper:
+        ...     return kd(teacher, student, temperature=2.0)
+        >>> get_preset("my_kd") is my_kd
+        True
+        >>> _ = _REGISTRY.pop("my_kd")  # (keeps the doctest from leaking it)
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"expected a preset name (str), got {type(name).__name__}")
+    if not name.isidentifier():
+        raise ValueError(f"a preset name must be a Python identifier, got {name!r}")
+
+    def register(preset: P) -> P:
+        if name in _REGISTRY:
+            raise ValueError(f"a preset named {name!r} is already registered "
+                             f"({_REGISTRY[name].__module__}.{_REGISTRY[name].__qualname__})")
+        _REGISTRY[name] = preset
+        return preset
+
+    return register
+
+
+def get_preset(name: str) -> Preset:
+    """The preset registered as ``name``.
+
+    Raises:
+        ValueError: no such preset; the message lists the registered names.
+    """
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown preset {name!r}; the presets are "
+                         f"{', '.join(repr(n) for n in sorted(_REGISTRY))}")
+    return _REGISTRY[name]
 
 
 class _Encoder(nn.Module):
@@ -50,75 +131,56 @@ class _Encoder(nn.Module):
 
 
 def _on_layers(teacher: nn.Module, student: nn.Module, terms: dict[str, DistillationTerm],
-               teacher_layer: str, student_layer: str, teacher_output: OutputSelector,
-               student_output: OutputSelector) -> DistillationWrapper:
+               teacher_layer: FeatureLike, student_layer: FeatureLike) -> DistillationWrapper:
     """The wrapper of a preset whose terms read one layer on each side, captured under
     :data:`FEATURES`."""
-    return DistillationWrapper(teacher, student, terms, {FEATURES: teacher_layer},
-                               {FEATURES: student_layer}, teacher_output=teacher_output,
-                               student_output=student_output)
+    return DistillationWrapper(teacher, student, terms,
+                               {FEATURES: as_spec(teacher_layer, "teacher_layer")},
+                               {FEATURES: as_spec(student_layer, "student_layer")})
 
 
-def _layer_channels(model: nn.Module, layer: str, example_input: Any, side: str) -> int:
-    """The channels of the 4-D map at ``layer``, from one no-grad forward on ``example_input``."""
-    shape = feature_shapes(model, {FEATURES: layer}, example_input, with_output=False,
-                           owner=side)[FEATURES]
-    if len(shape) != 4:
-        raise ValueError(f"expected the {side}'s layer {layer!r} to give a 4-D (B, C, H, W) "
-                         f"tensor, got shape {tuple(shape)}")
-    return int(shape[1])
+def _layer_specs(preset: str, teacher: nn.Module, student: nn.Module, teacher_layer: FeatureLike,
+                 student_layer: FeatureLike, example_input: Any,
+                 needs: tuple[str, ...] = ()) -> dict[str, FeatureSpec]:
+    """Each side's spec, with its channels read on ``example_input`` when given (one
+    forward per model, each path resolved once); ``needs`` names the sides whose
+    channels the preset cannot do without."""
+    specs = {"teacher": as_spec(teacher_layer, "teacher_layer"),
+             "student": as_spec(student_layer, "student_layer")}
+    if example_input is not None:
+        models = {"teacher": teacher, "student": student}
+        specs = {side: probe_features(models[side], {FEATURES: spec}, example_input,
+                                      side)[FEATURES] for side, spec in specs.items()}
+    missing = [side for side in needs if specs[side].channels is None]
+    if missing:
+        layers = " and ".join(f"{side}_layer {specs[side].layer!r}" for side in missing)
+        raise ValueError(
+            f"{preset} needs the channels of {layers}: pass FeatureSpec(layer, channels=C), "
+            "or example_input= (one batch) to read them from a forward of both models"
+        )
+    return specs
 
 
-def _channels(
-    preset: str,
-    example_input: Any,
-    given: dict[str, int | None],
-    layers: dict[str, tuple[nn.Module, str]],
-) -> dict[str, int]:
-    """The channel counts a preset needs: as given, or read on ``example_input``.
-
-    ``given`` maps ``'student_channels'`` / ``'teacher_channels'`` to the user's
-    value (``None``: read it); ``layers`` maps ``'student'`` / ``'teacher'`` to
-    ``(model, layer path)``. Both models run once when ``example_input`` is
-    given, and a count given beside it is checked against the one read.
-    """
-    if example_input is None:
-        missing = [name for name, value in given.items() if value is None]
-        if missing:
-            raise ValueError(
-                f"{preset} needs {' and '.join(f'{m}=' for m in missing)} (the channels at "
-                f"{' and '.join(f'{name[:7]}_layer' for name in missing)}), or example_input= "
-                "(one batch) to read them from a forward of both models"
-            )
-        return {name: int(value) for name, value in given.items() if value is not None}
-    read = {f"{side}_channels": _layer_channels(model, layer, example_input, side)
-            for side, (model, layer) in layers.items()}
-    for name, value in given.items():
-        if value is not None and value != read[name]:
-            side = name[:7]
-            raise ValueError(
-                f"{preset}: {name}={value}, but the {side}'s layer {layers[side][1]!r} has "
-                f"{read[name]} channels on example_input; pass {name}={read[name]} or leave "
-                "it out"
-            )
-    return read
+def _channels(spec: FeatureSpec) -> int:
+    """The channels of a spec that :func:`_layer_specs` has made sure of."""
+    if spec.channels is None:  # pragma: no cover - _layer_specs raised already
+        raise AssertionError(f"no channels for {spec.layer!r}")
+    return spec.channels
 
 
+@register_preset("knowledge_adaptation")
 def knowledge_adaptation(
     teacher: nn.Module,
     student: nn.Module,
     *,
-    teacher_layer: str,
-    student_layer: str,
+    teacher_layer: FeatureLike,
+    student_layer: FeatureLike,
     translator: Translator,
-    student_channels: int | None = None,
     example_input: Any = None,
     adaptation_weight: float = 50.0,
     affinity_weight: float = 1.0,
     adapter_layers: int = 3,
     resize: Resize = "none",
-    teacher_output: OutputSelector = None,
-    student_output: OutputSelector = None,
 ) -> DistillationWrapper:
     r"""The paper's method: adaptation and affinity through a trained translator.
 
@@ -137,29 +199,28 @@ def knowledge_adaptation(
     Args:
         teacher: the trained teacher.
         student: the student.
-        teacher_layer: layer path of the teacher's last feature map
-            :math:`\phi_t`, the one the translator was trained on.
-        student_layer: layer path of the student's last feature map :math:`\phi_s`.
+        teacher_layer: the teacher's last feature map :math:`\phi_t`, the one
+            the translator was trained on (its channels are the translator's).
+        student_layer: the student's last feature map :math:`\phi_s`; a
+            :class:`~segdistill.FeatureSpec` with its channels :math:`C_s`, or a
+            layer path with ``example_input``.
         translator: the translator trained on the teacher's features (stage 1).
-        student_channels: :math:`C_s`, the channels at ``student_layer``; read
-            from ``example_input`` when left out.
         example_input: one batch both models take; with it, the channels are
             read and the translator is checked against ``teacher_layer`` now.
         adaptation_weight: :math:`\beta`.
         affinity_weight: :math:`\gamma`.
         adapter_layers: conv layers per adapter (the paper's appendix: 3).
-        resize: the grid rule (see :class:`~segdistill.DistillationTerm`).
-        teacher_output: how to find the teacher's logits (unused by these terms).
-        student_output: how to find the student's logits (unused by these terms).
+        resize: the grid rule of both losses (see
+            :func:`~segdistill._features.align_grids`).
 
     Returns:
         The wrapper, with terms ``'adaptation'`` and ``'affinity'``.
 
     Raises:
         TypeError: ``translator`` is not a :class:`~segdistill.Translator`.
-        ValueError: both weights are 0; neither ``student_channels`` nor
-            ``example_input`` is given; on ``example_input``, the translator's
-            channels differ from those at ``teacher_layer``.
+        ValueError: both weights are 0; the student's channels are neither in
+            its spec nor read from ``example_input``; the translator's channels
+            differ from those at ``teacher_layer``.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -181,34 +242,34 @@ def knowledge_adaptation(
                "affinity": check_real("affinity_weight", affinity_weight, minimum=0.0)}
     if not any(weights.values()):
         raise ValueError("adaptation_weight and affinity_weight are both 0: nothing to distil")
-    channels = _channels(
-        "knowledge_adaptation", example_input, {"student_channels": student_channels},
-        {"student": (student, student_layer), "teacher": (teacher, teacher_layer)},
-    )
-    if "teacher_channels" in channels and channels["teacher_channels"] != translator.in_channels:
+    specs = _layer_specs("knowledge_adaptation", teacher, student, teacher_layer, student_layer,
+                         example_input, needs=("student",))
+    t_spec, s_spec = specs["teacher"], specs["student"]
+    if t_spec.channels is not None and t_spec.channels != translator.in_channels:
         raise ValueError(
             f"the translator takes {translator.in_channels} channels but the teacher's layer "
-            f"{teacher_layer!r} has {channels['teacher_channels']}: pass the teacher_layer the "
+            f"{t_spec.layer!r} has {t_spec.channels}: pass the teacher_layer the "
             "translator was trained on, or a translator trained on this one"
         )
+    t_spec = replace(t_spec, channels=translator.in_channels)
     encoder = _Encoder(translator)
-    losses: dict[str, nn.Module] = {"adaptation": AdaptationLoss(), "affinity": AffinityLoss()}
+    losses: dict[str, nn.Module] = {"adaptation": AdaptationLoss(resize=resize),
+                                    "affinity": AffinityLoss(resize=resize)}
     terms = {
         name: DistillationTerm(
-            loss, student=FEATURES, teacher=FEATURES, weight=weights[name], resize=resize,
-            student_adapter=Adapter(channels["student_channels"], translator.latent_channels,
+            loss, student=FEATURES, teacher=FEATURES, weight=weights[name],
+            student_adapter=Adapter(_channels(s_spec), translator.latent_channels,
                                     adapter_layers),
-            teacher_transform=encoder, student_channels=channels["student_channels"],
-            teacher_channels=translator.in_channels,
+            teacher_transform=encoder,
         )
         for name, loss in losses.items()
         if weights[name] > 0
     }
     translator.eval().requires_grad_(False)  # the decoder too: stage 2 uses the encoder only
-    return _on_layers(teacher, student, terms, teacher_layer, student_layer,
-                      teacher_output, student_output)
+    return _on_layers(teacher, student, terms, t_spec, s_spec)
 
 
+@register_preset("kd")
 def kd(
     teacher: nn.Module,
     student: nn.Module,
@@ -217,6 +278,7 @@ def kd(
     weight: float = 1.0,
     ignore_index: int | None = 255,
     resize: Resize = "none",
+    validate_args: bool = True,
     teacher_output: OutputSelector = None,
     student_output: OutputSelector = None,
 ) -> DistillationWrapper:
@@ -224,7 +286,9 @@ def kd(
     (:class:`~segdistill.KDLoss`).
 
     Pass the labels as ``target`` to the wrapper to leave out the pixels
-    labelled ``ignore_index``; they are checked against the logits they mask.
+    labelled ``ignore_index``; they follow the one label rule of
+    :func:`~segdistill.kd_loss` (any grid, nearest-resized; values in
+    ``[0, classes)`` or ``ignore_index``), standalone or here alike.
 
     Args:
         teacher: the trained teacher.
@@ -236,7 +300,8 @@ def kd(
             SegFormer predicts at 1/4 of the input, torchvision models at the
             input's size) need ``'teacher'`` (the student's logits upsampled
             onto the teacher's grid, as in the KD baseline of He et al.) or
-            ``'student'``. Labels must be on the grid the logits end on.
+            ``'student'``.
+        validate_args: check the label values every step (one host sync).
         teacher_output: how to find the teacher's logits (see
             :func:`~segdistill.hooks.select_output`).
         student_output: how to find the student's logits.
@@ -245,26 +310,24 @@ def kd(
         The wrapper, with the term ``'kd'``.
     """
     term = DistillationTerm(
-        KDLoss(temperature=temperature, ignore_index=ignore_index),
-        student=OUTPUT, teacher=OUTPUT, weight=weight, resize=resize, uses_target=True,
+        KDLoss(temperature=temperature, ignore_index=ignore_index, resize=resize,
+               validate_args=validate_args),
+        student=OUTPUT, teacher=OUTPUT, weight=weight, uses_target=True,
     )
     return DistillationWrapper(teacher, student, {"kd": term}, teacher_output=teacher_output,
                                student_output=student_output)
 
 
+@register_preset("fitnet")
 def fitnet(
     teacher: nn.Module,
     student: nn.Module,
     *,
-    teacher_layer: str,
-    student_layer: str,
-    student_channels: int | None = None,
-    teacher_channels: int | None = None,
+    teacher_layer: FeatureLike,
+    student_layer: FeatureLike,
     example_input: Any = None,
     weight: float = 1.0,
     resize: Resize = "none",
-    teacher_output: OutputSelector = None,
-    student_output: OutputSelector = None,
 ) -> DistillationWrapper:
     """Romero et al.'s FitNet hint (:class:`~segdistill.FitNetLoss`): student features
     through a 1x1 regressor, L2 to the teacher's.
@@ -272,49 +335,39 @@ def fitnet(
     Args:
         teacher: the trained teacher.
         student: the student.
-        teacher_layer: layer path of the teacher's hint.
-        student_layer: layer path of the student's guided layer.
-        student_channels: the channels at ``student_layer`` (read from
-            ``example_input`` when left out).
-        teacher_channels: the channels at ``teacher_layer`` (likewise).
-        example_input: one batch both models take.
+        teacher_layer: the teacher's hint: a :class:`~segdistill.FeatureSpec`
+            with its channels, or a layer path with ``example_input``.
+        student_layer: the student's guided layer, likewise.
+        example_input: one batch both models take, to read the channels.
         weight: the term's weight.
         resize: the grid rule; ``'teacher'`` upsamples the student's map onto
             the teacher's grid, as in the FitNet baseline of He et al.
-        teacher_output: how to find the teacher's logits (unused by this term).
-        student_output: how to find the student's logits (unused by this term).
 
     Returns:
         The wrapper, with the term ``'fitnet'``.
 
     Raises:
-        ValueError: a channel count is missing and there is no ``example_input``.
+        ValueError: a side's channels are neither in its spec nor read from
+            ``example_input``.
     """
-    channels = _channels(
-        "fitnet", example_input,
-        {"student_channels": student_channels, "teacher_channels": teacher_channels},
-        {"student": (student, student_layer), "teacher": (teacher, teacher_layer)},
-    )
+    specs = _layer_specs("fitnet", teacher, student, teacher_layer, student_layer,
+                         example_input, needs=("student", "teacher"))
     term = DistillationTerm(
-        FitNetLoss(channels["student_channels"], channels["teacher_channels"]),
-        student=FEATURES, teacher=FEATURES, weight=weight, resize=resize,
-        student_channels=channels["student_channels"],
-        teacher_channels=channels["teacher_channels"],
+        FitNetLoss(_channels(specs["student"]), _channels(specs["teacher"]), resize=resize),
+        student=FEATURES, teacher=FEATURES, weight=weight,
     )
-    return _on_layers(teacher, student, {"fitnet": term}, teacher_layer, student_layer,
-                      teacher_output, student_output)
+    return _on_layers(teacher, student, {"fitnet": term}, specs["teacher"], specs["student"])
 
 
+@register_preset("attention_transfer")
 def attention_transfer(
     teacher: nn.Module,
     student: nn.Module,
     *,
-    teacher_layer: str,
-    student_layer: str,
+    teacher_layer: FeatureLike,
+    student_layer: FeatureLike,
     weight: float = 1000.0,
     resize: Resize = "none",
-    teacher_output: OutputSelector = None,
-    student_output: OutputSelector = None,
 ) -> DistillationWrapper:
     """Zagoruyko and Komodakis's attention transfer
     (:class:`~segdistill.AttentionTransferLoss`), with their weight of 1000.
@@ -322,34 +375,30 @@ def attention_transfer(
     Args:
         teacher: the trained teacher.
         student: the student.
-        teacher_layer: layer path on the teacher.
-        student_layer: layer path on the student (any channel count).
+        teacher_layer: layer path (or spec) on the teacher.
+        student_layer: layer path (or spec) on the student (any channel count).
         weight: the term's weight.
         resize: the grid rule (``'teacher'`` for the student's map on the
             teacher's grid).
-        teacher_output: how to find the teacher's logits (unused by this term).
-        student_output: how to find the student's logits (unused by this term).
 
     Returns:
         The wrapper, with the term ``'attention'``.
     """
-    term = DistillationTerm(AttentionTransferLoss(), student=FEATURES, teacher=FEATURES,
-                            weight=weight, resize=resize)
-    return _on_layers(teacher, student, {"attention": term}, teacher_layer, student_layer,
-                      teacher_output, student_output)
+    term = DistillationTerm(AttentionTransferLoss(resize=resize), student=FEATURES,
+                            teacher=FEATURES, weight=weight)
+    return _on_layers(teacher, student, {"attention": term}, teacher_layer, student_layer)
 
 
+@register_preset("pairwise")
 def pairwise(
     teacher: nn.Module,
     student: nn.Module,
     *,
-    teacher_layer: str,
-    student_layer: str,
+    teacher_layer: FeatureLike,
+    student_layer: FeatureLike,
     weight: float = 1.0,
     patch_size: int | tuple[int, int] | None = None,
     resize: Resize = "none",
-    teacher_output: OutputSelector = None,
-    student_output: OutputSelector = None,
 ) -> DistillationWrapper:
     """Liu et al.'s pair-wise similarity distillation (:class:`~segdistill.PairwiseLoss`),
     memory-linear, with optional patch pooling.
@@ -357,23 +406,21 @@ def pairwise(
     Args:
         teacher: the trained teacher.
         student: the student.
-        teacher_layer: layer path on the teacher.
-        student_layer: layer path on the student (any channel count).
+        teacher_layer: layer path (or spec) on the teacher.
+        student_layer: layer path (or spec) on the student (any channel count).
         weight: the term's weight.
         patch_size: pool the maps into patches of this size first.
         resize: the grid rule.
-        teacher_output: how to find the teacher's logits (unused by this term).
-        student_output: how to find the student's logits (unused by this term).
 
     Returns:
         The wrapper, with the term ``'pairwise'``.
     """
-    term = DistillationTerm(PairwiseLoss(patch_size=patch_size), student=FEATURES,
-                            teacher=FEATURES, weight=weight, resize=resize)
-    return _on_layers(teacher, student, {"pairwise": term}, teacher_layer, student_layer,
-                      teacher_output, student_output)
+    term = DistillationTerm(PairwiseLoss(patch_size=patch_size, resize=resize),
+                            student=FEATURES, teacher=FEATURES, weight=weight)
+    return _on_layers(teacher, student, {"pairwise": term}, teacher_layer, student_layer)
 
 
+@register_preset("cwd")
 def cwd(
     teacher: nn.Module,
     student: nn.Module,
@@ -401,7 +448,7 @@ def cwd(
     Returns:
         The wrapper, with the term ``'cwd'``.
     """
-    term = DistillationTerm(CWDLoss(temperature=temperature), student=OUTPUT, teacher=OUTPUT,
-                            weight=weight, resize=resize)
+    term = DistillationTerm(CWDLoss(temperature=temperature, resize=resize), student=OUTPUT,
+                            teacher=OUTPUT, weight=weight)
     return DistillationWrapper(teacher, student, {"cwd": term}, teacher_output=teacher_output,
                                student_output=student_output)

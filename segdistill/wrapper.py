@@ -9,8 +9,8 @@ from typing import Any, NamedTuple, cast
 import torch
 from torch import Tensor, nn
 
-from segdistill._checks import check_choice, check_positive_int, check_real
-from segdistill._features import RESIZE_MODES, Resize, align_grids
+from segdistill._checks import check_real
+from segdistill.feature_spec import FeatureLike, FeatureSpec
 from segdistill.hooks import FeatureHooks, OutputSelector, select_output, take_feature, unwrap_model
 
 __all__ = ["OUTPUT", "DistillationOutput", "DistillationTerm", "DistillationWrapper"]
@@ -39,46 +39,18 @@ def _check_output_selector(name: str, selector: Any) -> None:
                     f"returning the logits, got {type(selector).__name__}")
 
 
-def _check_channels(x: Tensor, expected: int | None, term: str, side: str, what: str) -> None:
-    """A term built for ``expected`` channels names the argument that fixes a mismatch."""
+def _check_channels(x: Tensor, spec: FeatureSpec, what: str) -> None:
+    """A captured map must have the channels its spec declares: the adapters, regressors
+    and translators of the terms that read it were built for them."""
     got = x.shape[1]
-    if expected is None or got == expected:
+    if spec.channels is None or got == spec.channels:
         return
-    if side == "student":
-        fix = (f"pass student_channels={got} (or example_input= to read it), or a "
-               f"student_layer with {expected} channels")
-    else:
-        fix = (f"pass the teacher_layer with {expected} channels (a translator works on the "
-               f"layer it was trained on), or teacher_channels={got}")
-    raise ValueError(f"term {term!r}: {what} has {got} channels but the term was built for "
-                     f"{expected}; {fix}")
-
-
-def _check_labels(target: Any, logits: Tensor, ignore_index: int | None, term: str,
-                  resize: str) -> None:
-    """Labels a term masks with: (B, H, W) integers on the logits' grid, in [0, classes)."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"term {term!r}: expected the labels (target) to be a tensor, got "
-                        f"{type(target).__name__}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"term {term!r}: expected integer labels, got {target.dtype}")
-    if target.ndim != 3 or target.shape[0] != logits.shape[0]:
-        raise ValueError(f"term {term!r}: expected labels of shape (B, H, W) with B = "
-                         f"{logits.shape[0]}, got shape {tuple(target.shape)}")
-    if target.shape[-2:] != logits.shape[-2:]:
-        h, w = logits.shape[-2:]
-        raise ValueError(
-            f"term {term!r}: labels on a {target.shape[-2]} x {target.shape[-1]} grid but the "
-            f"logits they mask are {h} x {w} (after resize={resize!r}); pass labels of that "
-            "size, or resize='student' or resize='teacher' to put the logits on the labels' grid"
-        )
-    classes = logits.shape[1]
-    counted = target if ignore_index is None else target[target != ignore_index]
-    if counted.numel() and bool(((counted < 0) | (counted >= classes)).any()):
-        allowed = f"[0, {classes})" + ("" if ignore_index is None
-                                       else f" or ignore_index={ignore_index}")
-        raise ValueError(f"term {term!r}: labels must be in {allowed}, got values from "
-                         f"{int(counted.min())} to {int(counted.max())}")
+    raise ValueError(
+        f"{what} has {got} channels but its FeatureSpec says channels={spec.channels} (what "
+        f"the terms reading it were built for); pass FeatureSpec({spec.layer!r}, "
+        f"channels={got}) (or example_input= to a preset, to read it), or a layer with "
+        f"{spec.channels} channels"
+    )
 
 
 class DistillationTerm(nn.Module):
@@ -86,10 +58,12 @@ class DistillationTerm(nn.Module):
 
     The student's feature passes through ``student_adapter`` (trained with the
     student), the teacher's through ``teacher_transform`` (frozen, run without
-    gradients, e.g. a trained :class:`~segdistill.Translator`'s encoder); the
-    two maps are put on one grid by the library's one rule
-    (:func:`~segdistill._features.align_grids`, see ``resize``), then
-    ``loss(student, teacher[, target])`` is multiplied by ``weight``.
+    gradients, e.g. a trained :class:`~segdistill.Translator`'s encoder); then
+    ``loss(student, teacher[, target])`` is multiplied by ``weight``. The term
+    does not resize anything: the loss owns the grid (every segdistill loss
+    takes ``resize=``, :func:`~segdistill._features.align_grids` is its one
+    rule), and the labels are handed to it as given (the loss applies the one
+    label rule of :mod:`segdistill._labels`).
 
     Args:
         loss: a loss module called as ``loss(student, teacher)``, or as
@@ -99,30 +73,20 @@ class DistillationTerm(nn.Module):
         weight: the term's weight, at least 0.
         student_adapter: a trainable module applied to the student's feature.
         teacher_transform: a frozen module applied to the teacher's feature.
-        resize: ``'none'`` (the default of every preset) aligns grids that
-            differ by one cell of stride rounding and raises for a real
-            mismatch; ``'student'`` or ``'teacher'`` interpolates one map onto
-            the named side's grid.
-        uses_target: pass the labels given to the wrapper on to the loss. They
-            are checked first: (B, H, W) integers on the logits' grid after
-            resizing, in ``[0, classes)`` or the loss's ``ignore_index``
-            attribute, if it has one.
-        student_channels: the channels the term was built for at its student
-            feature (before the adapter), checked every step so that a
-            mismatch names the argument to change; ``None`` skips the check.
-        teacher_channels: the same for the teacher's feature (before the transform).
+        uses_target: pass the labels given to the wrapper on to the loss, as
+            ``loss(student, teacher, target)``.
 
     Raises:
         TypeError: ``loss``, ``student_adapter`` or ``teacher_transform`` is not
             an ``nn.Module``; a feature name is not a string.
-        ValueError: a negative weight, an unknown ``resize``, a channel count below 1.
+        ValueError: a negative weight.
 
     Example:
         >>> from segdistill import AffinityLoss
         >>> term = DistillationTerm(AffinityLoss(), student="feat", teacher="feat")
         >>> term  # doctest: +ELLIPSIS
         DistillationTerm(
-          student='feat', teacher='feat', weight=1.0, resize='none'
+          student='feat', teacher='feat', weight=1.0
           (loss): AffinityLoss(distance='l2', method='auto', ...)
         )
     """
@@ -136,10 +100,7 @@ class DistillationTerm(nn.Module):
         weight: float = 1.0,
         student_adapter: nn.Module | None = None,
         teacher_transform: nn.Module | None = None,
-        resize: Resize = "none",
         uses_target: bool = False,
-        student_channels: int | None = None,
-        teacher_channels: int | None = None,
     ) -> None:
         super().__init__()
         for name, module in (("loss", loss), ("student_adapter", student_adapter),
@@ -150,25 +111,16 @@ class DistillationTerm(nn.Module):
             if not isinstance(feature, str):
                 raise TypeError(f"expected {name} to be a feature name (str), got "
                                 f"{type(feature).__name__}")
-        check_choice("resize", resize, RESIZE_MODES)
         self.loss = loss
         self.student = student
         self.teacher = teacher
         self.weight = check_real("weight", weight, minimum=0.0)
         self.student_adapter = student_adapter
         self.teacher_transform = teacher_transform
-        self.resize: Resize = resize
         self.uses_target = bool(uses_target)
-        self.student_channels = (None if student_channels is None
-                                 else check_positive_int("student_channels", student_channels))
-        self.teacher_channels = (None if teacher_channels is None
-                                 else check_positive_int("teacher_channels", teacher_channels))
 
     def extra_repr(self) -> str:
-        return (
-            f"student={self.student!r}, teacher={self.teacher!r}, weight={self.weight}, "
-            f"resize={self.resize!r}"
-        )
+        return f"student={self.student!r}, teacher={self.teacher!r}, weight={self.weight}"
 
 
 def _freeze(module: nn.Module) -> None:
@@ -186,23 +138,24 @@ class DistillationWrapper(nn.Module):
     eval mode, ``requires_grad=False``, and :meth:`train` never switches them
     back.
 
-    A layer path is a dotted module path, followed by Python indexing for a
-    module that returns a list, a tuple or a mapping: ``'encoder[-1]'``,
-    ``"backbone['high']"``. A module whose output is not a tensor must be
-    given a selector (the first step raises and shows what it returns).
+    A layer is a layer path or a :class:`~segdistill.FeatureSpec`: a dotted
+    module path, followed by Python indexing for a module that returns a
+    list, a tuple or a mapping: ``'encoder[-1]'``, ``"backbone['high']"``. A
+    module whose output is not a tensor must be given a selector (the first
+    step raises and shows what it returns). A spec that declares its
+    ``channels`` has every captured map checked against them.
 
-    Presets, in :mod:`segdistill.presets` and as static methods here:
-    :meth:`knowledge_adaptation` (He et al., CVPR 2019), and the baselines
-    :meth:`kd` (Hinton et al., 2015), :meth:`fitnet` (Romero et al., 2015),
-    :meth:`attention_transfer` (Zagoruyko and Komodakis, 2017),
-    :meth:`pairwise` (Liu et al., 2019) and :meth:`cwd` (Shu et al., 2021).
+    The presets build this wrapper for the paper's method and each baseline;
+    they live in :mod:`segdistill.presets` (by name in
+    :data:`segdistill.presets.PRESETS`), which imports this module, never
+    the other way round.
 
     Args:
         teacher: the trained teacher.
         student: the student to train.
         terms: ``{name: DistillationTerm}``.
-        teacher_layers: ``{feature name: layer path}`` in the teacher.
-        student_layers: ``{feature name: layer path}`` in the student.
+        teacher_layers: ``{feature name: layer path or FeatureSpec}`` in the teacher.
+        student_layers: ``{feature name: layer path or FeatureSpec}`` in the student.
         teacher_output: how to find the teacher's logits in its output, for
             terms on ``'output'`` (see :func:`~segdistill.hooks.select_output`):
             ``None`` takes a tensor, a mapping's ``'out'`` (torchvision) or
@@ -236,8 +189,8 @@ class DistillationWrapper(nn.Module):
         teacher: nn.Module,
         student: nn.Module,
         terms: Mapping[str, DistillationTerm],
-        teacher_layers: Mapping[str, str] | None = None,
-        student_layers: Mapping[str, str] | None = None,
+        teacher_layers: Mapping[str, FeatureLike] | None = None,
+        student_layers: Mapping[str, FeatureLike] | None = None,
         *,
         teacher_output: OutputSelector = None,
         student_output: OutputSelector = None,
@@ -348,9 +301,10 @@ class DistillationWrapper(nn.Module):
 
         Raises:
             ValueError: a captured feature is not a tensor (a structured output
-                without a selector), is not 4-D, has other channels than its term
-                was built for, or sits on a grid that does not fit the other
-                side's; labels that do not fit the logits they mask.
+                without a selector), is not 4-D, or has other channels than its
+                FeatureSpec declares; a term's loss rejects its inputs (grids
+                that do not fit under its ``resize``, labels outside the one
+                label rule): the message starts with the term's name.
         """
         self._teacher_hooks.clear()
         self._student_hooks.clear()
@@ -381,12 +335,6 @@ class DistillationWrapper(nn.Module):
             features[OUTPUT] = select_output(output, selector, f"the {side}'s output")
         return features
 
-    def _what(self, side: str, name: str) -> str:
-        if name == OUTPUT:
-            return f"the {side}'s output"
-        hooks = self._teacher_hooks if side == "teacher" else self._student_hooks
-        return hooks.what(name)
-
     def _evaluate_terms(
         self, student_feats: dict[str, Tensor], teacher_feats: dict[str, Tensor],
         target: Tensor | None,
@@ -394,9 +342,7 @@ class DistillationWrapper(nn.Module):
         transformed: dict[tuple[str, int], Tensor] = {}
         losses: dict[str, Tensor] = {}
         for name, term in self._terms():
-            what_t = self._what("teacher", term.teacher)
-            t = take_feature(teacher_feats, term.teacher, what_t)
-            _check_channels(t, term.teacher_channels, name, "teacher", what_t)
+            t = self._feature("teacher", teacher_feats, term.teacher)
             transform = term.teacher_transform
             if transform is not None:
                 # terms sharing a transform (the paper's two terms share the
@@ -406,62 +352,25 @@ class DistillationWrapper(nn.Module):
                     with torch.no_grad():
                         transformed[key] = transform(t)
                 t = transformed[key]
-            what_s = self._what("student", term.student)
-            s = take_feature(student_feats, term.student, what_s)
-            _check_channels(s, term.student_channels, name, "student", what_s)
+            s = self._feature("student", student_feats, term.student)
             if s.shape[0] != t.shape[0]:
                 raise ValueError(f"term {name!r}: the student's batch has {s.shape[0]} "
                                  f"images but the teacher's {t.shape[0]}")
             if term.student_adapter is not None:
                 s = term.student_adapter(s)
-            s, t = align_grids(s, t, term.resize, name)
-            if term.uses_target and target is not None:
-                _check_labels(target, t, getattr(term.loss, "ignore_index", None), name,
-                              term.resize)
             args = (s, t, target) if term.uses_target else (s, t)
-            losses[name] = term.weight * term.loss(*args)
+            try:
+                value = term.loss(*args)
+            except (TypeError, ValueError) as error:  # name the term the user configured
+                raise type(error)(f"term {name!r}: {error}") from error
+            losses[name] = term.weight * value
         return losses
 
-    # ---- presets (segdistill.presets; kept here so DistillationWrapper.kd(...) works) ---
-
-    @staticmethod
-    def knowledge_adaptation(*args: Any, **kwargs: Any) -> DistillationWrapper:
-        """:func:`segdistill.presets.knowledge_adaptation`: the paper's method."""
-        from segdistill import presets
-
-        return presets.knowledge_adaptation(*args, **kwargs)
-
-    @staticmethod
-    def kd(*args: Any, **kwargs: Any) -> DistillationWrapper:
-        """:func:`segdistill.presets.kd`: Hinton et al.'s KD on the logits."""
-        from segdistill import presets
-
-        return presets.kd(*args, **kwargs)
-
-    @staticmethod
-    def fitnet(*args: Any, **kwargs: Any) -> DistillationWrapper:
-        """:func:`segdistill.presets.fitnet`: Romero et al.'s FitNet hint."""
-        from segdistill import presets
-
-        return presets.fitnet(*args, **kwargs)
-
-    @staticmethod
-    def attention_transfer(*args: Any, **kwargs: Any) -> DistillationWrapper:
-        """:func:`segdistill.presets.attention_transfer`: Zagoruyko and Komodakis."""
-        from segdistill import presets
-
-        return presets.attention_transfer(*args, **kwargs)
-
-    @staticmethod
-    def pairwise(*args: Any, **kwargs: Any) -> DistillationWrapper:
-        """:func:`segdistill.presets.pairwise`: Liu et al.'s pair-wise similarity."""
-        from segdistill import presets
-
-        return presets.pairwise(*args, **kwargs)
-
-    @staticmethod
-    def cwd(*args: Any, **kwargs: Any) -> DistillationWrapper:
-        """:func:`segdistill.presets.cwd`: Shu et al.'s channel-wise distillation."""
-        from segdistill import presets
-
-        return presets.cwd(*args, **kwargs)
+    def _feature(self, side: str, features: dict[str, Tensor], name: str) -> Tensor:
+        """One side's feature ``name``, checked against its spec."""
+        if name == OUTPUT:
+            return take_feature(features, name, f"the {side}'s output")
+        hooks = self._teacher_hooks if side == "teacher" else self._student_hooks
+        x = take_feature(features, name, hooks.what(name))
+        _check_channels(x, hooks.specs[name], hooks.what(name))
+        return x

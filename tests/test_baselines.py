@@ -93,8 +93,15 @@ def test_kd_all_ignored_is_zero_with_finite_gradients(reduction):
 
 def test_kd_without_ignore_index_counts_every_pixel_but_still_checks_the_target():
     s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    labels = torch.full((2, 4, 4), 255)
+    labels = torch.randint(0, 3, (2, 4, 4))
     torch.testing.assert_close(kd_loss(s, t, labels, ignore_index=None), kd_loss(s, t))
+    # a 255 is no class and no ignore label here: the one label rule refuses it
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\), got values from 255 "):
+        kd_loss(s, t, torch.full((2, 4, 4), 255), ignore_index=None)
+    # validate_args=False skips only that range check (no host sync)
+    torch.testing.assert_close(
+        kd_loss(s, t, torch.full((2, 4, 4), 255), ignore_index=None, validate_args=False),
+        kd_loss(s, t))
     with pytest.raises(ValueError,
                        match=r"logits and target with the same batch size, got 2 and 3"):
         kd_loss(s, t, torch.zeros(3, 4, 4, dtype=torch.long), ignore_index=None)
@@ -121,7 +128,8 @@ def test_kd_module_with_target_equals_functional():
     target = torch.randint(0, 5, (2, 6, 6))
     target[target == 4] = 0
     module = KDLoss(temperature=3.0, ignore_index=0, reduction="sum")
-    assert repr(module) == "KDLoss(temperature=3.0, ignore_index=0, reduction='sum')"
+    assert repr(module) == ("KDLoss(temperature=3.0, ignore_index=0, resize='teacher', "
+                            "reduction='sum')")
     torch.testing.assert_close(module(s, t, target),
                                kd_loss(s, t, target, temperature=3.0, ignore_index=0,
                                        reduction="sum"), rtol=0, atol=0)

@@ -12,7 +12,7 @@ from models import tiny_pair
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from segdistill import DistillationWrapper, Translator
+from segdistill import FeatureSpec, Translator, presets
 
 WORLD = 2
 
@@ -20,9 +20,9 @@ WORLD = 2
 def _build():
     torch.manual_seed(0)
     teacher, student = tiny_pair()
-    wrapper = DistillationWrapper.knowledge_adaptation(
-        teacher, student, teacher_layer="relu", student_layer="relu",
-        translator=Translator(12, latent_channels=6), student_channels=6,
+    wrapper = presets.knowledge_adaptation(
+        teacher, student, teacher_layer="relu", student_layer=FeatureSpec("relu", channels=6),
+        translator=Translator(12, latent_channels=6),
     )
     # BN in eval mode: with per-rank batch statistics the two runs would differ by
     # construction (SyncBatchNorm is the tool for that); gradients must still match
@@ -80,7 +80,7 @@ def test_export_student_unwraps_a_ddp_student(tmp_path):
                             world_size=1)
     try:
         teacher, student = tiny_pair()
-        wrapper = DistillationWrapper.attention_transfer(
+        wrapper = presets.attention_transfer(
             teacher, DistributedDataParallel(student), teacher_layer="relu",
             student_layer="relu", resize="teacher")
         x, y = _batch()

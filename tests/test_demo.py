@@ -58,20 +58,21 @@ def test_the_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["all", "--dataset", "digits", "--out", str(out), *TINY]) == 0
     printed = capsys.readouterr().out
-    for name in ("teacher", "student", "distill-paper"):
+    for name in ("teacher", "student", "distill-knowledge_adaptation"):
         assert f"| {name} |" in printed
         result = json.loads((out / name / "eval.json").read_text())
         assert 0 <= result["miou"] <= 1 and len(result["iou"]) == NUM_CLASSES
     assert (out / "translator" / "model.pt").is_file()
     student = json.loads((out / "student" / "eval.json").read_text())
-    distilled = json.loads((out / "distill-paper" / "eval.json").read_text())
+    distilled = json.loads((out / "distill-knowledge_adaptation" / "eval.json").read_text())
     assert student["params"] == distilled["params"] and student["flops"] == distilled["flops"]
     assert (out / "figures" / "digits.png").stat().st_size > 10_000
     summary = (out / "summary.md").read_text()
-    assert "| distill-paper |" in summary and " s on " in summary and "threads" in summary
+    assert "| distill-knowledge_adaptation |" in summary
+    assert " s on " in summary and "threads" in summary
     assert "Command: `python -m examples.segmentation all --dataset digits --out" in summary
-    log = [json.loads(line) for line in (out / "distill-paper" / "log.jsonl").read_text()
-           .splitlines()]
+    log = [json.loads(line) for line in
+           (out / "distill-knowledge_adaptation" / "log.jsonl").read_text().splitlines()]
     assert {"ce", "adaptation", "affinity", "lr"} <= set(log[-1])
     assert log[-1]["adaptation"] > 0  # the demo's beta, 0.5
 

@@ -101,27 +101,27 @@ def test_every_stage_end_to_end(tmp_path, dataset, make, capsys):
     root, out = make(tmp_path / "data"), tmp_path / "runs"
     assert main(["all", "--dataset", dataset, "--root", str(root), "--out", str(out),
                  *SMALL]) == 0
-    for stage in ("teacher", "student", "translator", "distill-paper"):
+    for stage in ("teacher", "student", "translator", "distill-knowledge_adaptation"):
         assert (out / stage / "model.pt").is_file(), stage
-    for name in ("teacher", "student", "distill-paper"):
+    for name in ("teacher", "student", "distill-knowledge_adaptation"):
         result = json.loads((out / name / "eval.json").read_text())
         assert 0.0 <= result["miou"] <= 1.0 and result["flops"] > 0 and result["params"] > 0
     student = json.loads((out / "student" / "eval.json").read_text())
-    distilled = json.loads((out / "distill-paper" / "eval.json").read_text())
+    distilled = json.loads((out / "distill-knowledge_adaptation" / "eval.json").read_text())
     assert student["params"] == distilled["params"] and student["flops"] == distilled["flops"]
     teacher = json.loads((out / "teacher" / "eval.json").read_text())
     assert teacher["params"] > 5 * student["params"]
-    log = [json.loads(line) for line in (out / "distill-paper" / "log.jsonl").read_text()
-           .splitlines()]
+    log = [json.loads(line) for line in
+           (out / "distill-knowledge_adaptation" / "log.jsonl").read_text().splitlines()]
     assert {"ce", "adaptation", "affinity", "lr"} <= set(log[-1])
     assert (out / "figures" / f"{dataset}.png").stat().st_size > 5_000
     printed = capsys.readouterr().out
     assert "| model | val mIoU (%) | params | MFLOPs / image | images/s |" in printed
-    assert "| distill-paper |" in printed
+    assert "| distill-knowledge_adaptation |" in printed
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["kd", "fitnet", "attention", "pairwise", "cwd"])
+@pytest.mark.parametrize("method", ["kd", "fitnet", "attention_transfer", "pairwise", "cwd"])
 def test_baseline_methods(tmp_path, method):
     root, out = make_voc(tmp_path / "data"), tmp_path / "runs"
     args = ["--dataset", "voc", "--root", str(root), "--out", str(out), *SMALL]

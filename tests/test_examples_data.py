@@ -16,7 +16,7 @@ PIL = pytest.importorskip("PIL.Image")
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # for `examples`
 
-from examples.segmentation import stages  # noqa: E402
+from examples.segmentation import run as run_module  # noqa: E402
 from examples.segmentation.cli import main  # noqa: E402
 from examples.segmentation.config import CONFIGS  # noqa: E402
 from examples.segmentation.data import (  # noqa: E402
@@ -113,9 +113,9 @@ def test_pascal_context_is_a_pipeline_dataset(tmp_path):
     assert config.student_steps == config.teacher_steps == config.distill_steps == 30_000
     factory, classes = DATASETS["pascal_context"]
     assert factory is pascal_context and len(classes) == 59
-    run = stages.Run(config, make_pascal_context(tmp_path), tmp_path / "runs",
+    run = run_module.Run(config, make_pascal_context(tmp_path), tmp_path / "runs",
                      torch.device("cpu"))
-    data = stages.dataset(run, train=False)  # the stage passes the config's num_classes
+    data = run_module.dataset(run, train=False)  # the stage passes the config's num_classes
     assert data.num_classes == 59 and data.label_map == "reduce_zero" and len(data) == 2
 
 

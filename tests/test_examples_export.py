@@ -27,7 +27,7 @@ from examples.segmentation.references import (
     reference_frozen,
     sha256,
 )
-from segdistill import DistillationWrapper, Translator, load_checkpoint
+from segdistill import DistillationWrapper, FeatureSpec, Translator, load_checkpoint, presets
 
 ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
 FORMATS = ["torchscript", "pt2", *(["onnx"] if ONNX else [])]
@@ -149,9 +149,9 @@ def _wrapper() -> tuple[DistillationWrapper, Translator]:
     teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
     student = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU())
     translator = Translator(8, 6)
-    wrapper = DistillationWrapper.knowledge_adaptation(
-        teacher, student, teacher_layer="2", student_layer="1", translator=translator,
-        student_channels=4)
+    wrapper = presets.knowledge_adaptation(
+        teacher, student, teacher_layer="2", student_layer=FeatureSpec("1", channels=4),
+        translator=translator)
     return wrapper, translator
 
 
@@ -208,7 +208,7 @@ def test_the_distill_checkpoint_and_the_export_stage(tmp_path, capsys):
     for stage in ("teacher", "translator"):
         assert main([stage, *common]) == 0
     assert main(["distill", *common, "--stop-after", "2"]) == 0  # a crash after step 2
-    state = load_checkpoint(out / "distill-paper" / "checkpoint.pt")
+    state = load_checkpoint(out / "distill-knowledge_adaptation" / "checkpoint.pt")
     keys = set(state["model"])
     assert not any(k.startswith("teacher.") or "teacher_transform" in k for k in keys)
     assert any(k.startswith("student.") for k in keys)

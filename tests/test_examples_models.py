@@ -46,7 +46,8 @@ def test_student_eval_any_batch_and_size():
         pooled = net.image_pooling(features)
     assert out.shape == (1, 21, 65, 47) and torch.isfinite(out).all()
     # the student layer, at output stride 16
-    assert arch.features == "backbone" and features.shape == (1, arch.channels, 5, 3)
+    assert arch.features.layer == "backbone"
+    assert features.shape == (1, arch.features.channels, 5, 3)
     assert pooled.shape == (1, 256, 5, 3)
     assert torch.equal(pooled, pooled[..., :1, :1].expand_as(pooled))  # one value per image
 
@@ -133,3 +134,23 @@ def test_models_doctests():
     for test in tests:
         runner.run(test, out=output.append)
     assert runner.summarize(verbose=False).failed == 0, "".join(output)
+
+
+@pytest.mark.parametrize("table,name,reading", [
+    ("TEACHERS", "deeplabv3_resnet50", "head"), ("TEACHERS", "deeplabv3_resnet50", "backbone"),
+    ("TEACHERS", "digits_os4", "head"), ("STUDENTS", "mobilenet_v2", "head"),
+    ("STUDENTS", "lraspp", "head"), ("STUDENTS", "digits_os8", "head"),
+])
+def test_declared_feature_specs_match_the_networks(table, name, reading):
+    """Each architecture's FeatureSpec, declared once, is what a forward reads."""
+    from segdistill import FeatureSpec
+    from segdistill.hooks import probe_features
+
+    arch = getattr(models, table)[name]
+    spec = arch.layer(reading)
+    torch.manual_seed(0)
+    net = arch.build(5, False)
+    size = 48 if name.startswith("digits") else 64
+    image = torch.randn(2, 1 if name.startswith("digits") else 3, size, size)
+    probed = probe_features(net, {"f": FeatureSpec(spec.layer)}, image)["f"]
+    assert probed == spec

@@ -24,7 +24,8 @@ pytest.importorskip("torchdata")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO))
 
-from examples.segmentation import stages  # noqa: E402
+from examples.segmentation import evaluation, stages  # noqa: E402
+from examples.segmentation import run as run_module  # noqa: E402
 from examples.segmentation.cli import parser  # noqa: E402
 from examples.segmentation.config import CONFIGS, from_flags  # noqa: E402
 from examples.segmentation.training import TrainConfig, fit  # noqa: E402
@@ -46,7 +47,7 @@ def _tensors(value):
 def _digits_run(tmp_path, **config):
     values = {"scenes": (8, 6), "eval_batch_size": 3, "workers": 0, "batch_size": 4,
               "log_every": 1, "checkpoint_every": 1000, **config}
-    return stages.Run(CONFIGS["digits"].override(**values), None, tmp_path / "runs",
+    return run_module.Run(CONFIGS["digits"].override(**values), None, tmp_path / "runs",
                       torch.device("cpu"), progress=False)
 
 
@@ -80,8 +81,8 @@ def _device_checked_collectives(monkeypatch, device: torch.device) -> list[torch
 def test_evaluation_reduces_only_tensors_on_the_run_device(tmp_path, monkeypatch,
                                                           one_process_group):
     run = _digits_run(tmp_path)
-    model = stages.build_student(run).eval()
-    val = stages.dataset(run, train=False)
+    model = run_module.build_student(run).eval()
+    val = run_module.dataset(run, train=False)
     seen = _device_checked_collectives(monkeypatch, run.device)
 
     class Loader(DataLoader):  # the loader's own seed (the one CPU tensor it makes)
@@ -94,11 +95,11 @@ def test_evaluation_reduces_only_tensors_on_the_run_device(tmp_path, monkeypatch
     # one that the evaluation built on the default device instead of the run's (the CPU
     # confusion counts that NCCL rejects) would reach a collective off run.device.
     with torch.device("meta"):
-        values = stages._evaluate_model(run, model, val)
+        values = evaluation.evaluate_model(run, model, val)
     assert seen and set(seen) == {run.device}  # the confusion counts were reduced, there
     monkeypatch.undo()
     dist.destroy_process_group()
-    plain = stages._evaluate_model(run, model, val)
+    plain = evaluation.evaluate_model(run, model, val)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0,
                             world_size=1)
     assert torch.equal(values["miou"], plain["miou"])
@@ -113,7 +114,7 @@ def test_the_device_check_catches_a_cpu_tensor(monkeypatch, one_process_group):
 def test_the_translator_trains_at_the_global_batch_with_a_timeout(tmp_path, monkeypatch):
     run = _digits_run(tmp_path, translator_steps=2, translator_timeout=90.0)
     stages.train_teacher(run.with_config(teacher_steps=1))
-    run = stages.Run(run.config, None, run.out, run.device, rank=0, world_size=2,
+    run = run_module.Run(run.config, None, run.out, run.device, rank=0, world_size=2,
                      progress=False)
     calls: dict[str, object] = {}
     fake = SimpleNamespace(  # a process group of 2 as stages sees it
@@ -139,9 +140,9 @@ def test_weight_decay_per_model_and_norm_bias_exemption(tmp_path, monkeypatch):
     run = _digits_run(tmp_path, teacher_weight_decay=1e-4, weight_decay=4e-5,
                       decay_norm_bias=False)
     assert CONFIGS["voc"].teacher_weight_decay == 1e-4 and CONFIGS["voc"].weight_decay == 4e-5
-    assert stages._train_config(run, "teacher", 1).weight_decay == 1e-4
-    assert stages._train_config(run, "student", 1).weight_decay == 4e-5
-    assert stages._train_config(run, "distill-paper", 1).weight_decay == 4e-5
+    assert run_module.train_config(run, "teacher", 1).weight_decay == 1e-4
+    assert run_module.train_config(run, "student", 1).weight_decay == 4e-5
+    assert run_module.train_config(run, "distill-knowledge_adaptation", 1).weight_decay == 4e-5
     groups = []
 
     class BuiltError(Exception):
@@ -153,8 +154,8 @@ def test_weight_decay_per_model_and_norm_bias_exemption(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.optim, "SGD", sgd)
     with pytest.raises(BuiltError):
-        fit(stages.build_student(run), stages.dataset(run, True),
-            stages._train_config(run, "student", 1))
+        fit(run_module.build_student(run), run_module.dataset(run, True),
+            run_module.train_config(run, "student", 1))
     decays = {g["weight_decay"]: len(g["params"]) for g in groups}
     assert set(decays) == {4e-5, 0.0} and decays[0.0] > 0
 
@@ -167,13 +168,13 @@ def test_sync_bn_defaults_to_on_with_several_cuda_processes(tmp_path):
     assert off.sync_bn is False
 
     def run(sync_bn, world, device):
-        return stages.Run(CONFIGS["voc"].override(sync_bn=sync_bn), None, tmp_path,
+        return run_module.Run(CONFIGS["voc"].override(sync_bn=sync_bn), None, tmp_path,
                           torch.device(device), world_size=world)
-    assert stages.sync_bn_enabled(run(None, 2, "cuda"))
-    assert not stages.sync_bn_enabled(run(None, 1, "cuda"))
-    assert not stages.sync_bn_enabled(run(None, 2, "cpu"))  # gloo: SyncBatchNorm needs CUDA
-    assert not stages.sync_bn_enabled(run(False, 2, "cuda"))
-    assert stages.sync_bn_enabled(run(True, 2, "cuda"))
+    assert run_module.sync_bn_enabled(run(None, 2, "cuda"))
+    assert not run_module.sync_bn_enabled(run(None, 1, "cuda"))
+    assert not run_module.sync_bn_enabled(run(None, 2, "cpu"))  # gloo: SyncBatchNorm needs CUDA
+    assert not run_module.sync_bn_enabled(run(False, 2, "cuda"))
+    assert run_module.sync_bn_enabled(run(True, 2, "cuda"))
 
 
 def test_validation_every_k_steps_keeps_the_best(tmp_path):
@@ -185,9 +186,9 @@ def test_validation_every_k_steps_keeps_the_best(tmp_path):
     best = torch.load(run.out / "student" / "best.pt", weights_only=True)
     top = max(rows, key=lambda r: r["miou"])
     assert best["miou"] == top["miou"] and best["step"] == top["step"]
-    model = stages.build_student(run)
+    model = run_module.build_student(run)
     model.load_state_dict(best["model"])
-    again = stages._evaluate_model(run, model.eval(), stages.dataset(run, train=False))
+    again = evaluation.evaluate_model(run, model.eval(), run_module.dataset(run, train=False))
     assert float(again["miou"]) == pytest.approx(top["miou"])
 
 
@@ -221,9 +222,9 @@ def test_accumulating_two_batches_equals_one_double_batch(tmp_path):
 
 def test_accumulate_splits_the_global_batch(tmp_path):
     run = _digits_run(tmp_path, batch_size=16, accumulate=4)
-    assert stages._train_config(run, "student", 1).batch_size == 4
+    assert run_module.train_config(run, "student", 1).batch_size == 4
     with pytest.raises(ValueError, match="does not split"):
-        stages._train_config(_digits_run(tmp_path, batch_size=16, accumulate=3), "student", 1)
+        run_module.train_config(_digits_run(tmp_path, batch_size=16, accumulate=3), "student", 1)
 
 
 def test_evaluation_under_autocast_at_the_evaluation_size(tmp_path, monkeypatch):
@@ -237,9 +238,9 @@ def test_evaluation_under_autocast_at_the_evaluation_size(tmp_path, monkeypatch)
         return real(x, *args, **kwargs)
 
     monkeypatch.setattr(F, "interpolate", spy)
-    result = stages.evaluate(run, "student", echo=False)
+    result = evaluation.evaluate(run, "student", echo=False)
     assert torch.bfloat16 in dtypes  # the forward ran under autocast
-    assert result["input"] == list(stages.dataset(run, train=False)[0][0].shape[-2:])
+    assert result["input"] == list(run_module.dataset(run, train=False)[0][0].shape[-2:])
     assert result["amp"] == "bf16"
 
 
@@ -247,12 +248,12 @@ def test_evaluation_size_is_the_val_image_not_the_crop(tmp_path):
     from test_examples import make_cityscapes
 
     root = make_cityscapes(tmp_path / "data")  # val images of 32 x 64
-    run = stages.Run(CONFIGS["cityscapes"].override(crop=16, pretrained=False, workers=0,
+    run = run_module.Run(CONFIGS["cityscapes"].override(crop=16, pretrained=False, workers=0,
                                                     batch_size=2, student_steps=1,
                                                     eval_batch_size=1),
                      root, tmp_path / "runs", torch.device("cpu"), progress=False)
     stages.train_student(run)
-    result = stages.evaluate(run, "student", echo=False)
+    result = evaluation.evaluate(run, "student", echo=False)
     assert result["input"] == [32, 64]
 
 
@@ -321,12 +322,12 @@ def test_two_process_torchrun_translator_validation_accumulation(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for stage in ("teacher", "student", "distill-paper"):
+    for stage in ("teacher", "student", "distill-knowledge_adaptation"):
         rows = (out / stage / "val.jsonl").read_text().splitlines()
         assert [json.loads(r)["step"] for r in rows] == [1, 2]
         assert (out / stage / "best.pt").is_file()
     assert (out / "translator" / "model.pt").is_file()
-    assert "| distill-paper |" in proc.stdout
+    assert "| distill-knowledge_adaptation |" in proc.stdout
 
 
 def test_a_truncated_translator_checkpoint_is_named(tmp_path):
@@ -336,5 +337,5 @@ def test_a_truncated_translator_checkpoint_is_named(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(RuntimeError, match=f"cannot read the checkpoint {path}"):
-        stages.train_translator_stage(stages.Run(run.config, None, run.out, run.device,
+        stages.train_translator_stage(run_module.Run(run.config, None, run.out, run.device,
                                                  resume=True, progress=False))

@@ -101,7 +101,7 @@ def test_every_command_of_the_full_and_tiny_modes_parses(tmp_path, mode):
         commands = gpu_check.torchrun_commands(plan, tree, tmp_path / "data", tmp_path / "r")
         stages = [parser().parse_args(_after(gpu_check.LAUNCHER, c)) for c in commands]
         assert [s.stage for s in stages] == ["all", "export"]
-        assert stages[1].models == ["distill-paper"]
+        assert stages[1].models == ["distill-knowledge_adaptation"]
         assert stages[1].formats == list(plan.formats)
         assert "onnx" in plan.formats or not gpu_check._has_onnx()
         for args in stages:
@@ -238,14 +238,15 @@ def test_the_quick_mode_writes_every_table(tmp_path):
     assert "| distill, part | translator encoder | head | fp32 |" in pipeline
     assert "distillation step / (teacher forward + student step) = " in pipeline
     torchrun = (out / "torchrun-digits.md").read_text()
-    assert "| distill-paper |" in torchrun and '"torchscript"' in torchrun
-    assert (out / "runs" / "digits" / "distill-paper" / "export" / "student.pt2").is_file()
+    assert "| distill-knowledge_adaptation |" in torchrun and '"torchscript"' in torchrun
+    distilled = out / "runs" / "digits" / "distill-knowledge_adaptation"
+    assert (distilled / "export" / "student.pt2").is_file()
     assert (bundle / "summary.md").read_text() == summary
     with tarfile.open(bundle / "gpu-check.tar.gz") as tar:
         names = set(tar.getnames())
     assert {"gpu-check/summary.md", "gpu-check/affinity.md", "gpu-check/log.txt",
             "gpu-check/raw/affinity-bf16.json", "gpu-check/runs/digits/figures/digits.png",
-            "gpu-check/runs/digits/distill-paper/export/export.json"} <= names
+            "gpu-check/runs/digits/distill-knowledge_adaptation/export/export.json"} <= names
     assert not any(n.endswith((".pt", ".pt2")) for n in names)
 
 
@@ -263,7 +264,7 @@ def test_the_tiny_mode_runs_the_full_modes_torchrun_part(tmp_path):
     assert "--crop 32 --batch-size 2" in summary and "--root" in summary
     torchrun = (out / "torchrun-voc.md").read_text()
     assert "synthetic 48 x 48 images, 4 train, 2 val, 1 steps per stage" in torchrun
-    assert "| teacher |" in torchrun and "| distill-paper |" in torchrun
+    assert "| teacher |" in torchrun and "| distill-knowledge_adaptation |" in torchrun
     onnx = _load("gpu_check")._has_onnx()
     assert ('"onnx"' in torchrun) == onnx and '"pt2"' in torchrun
     with tarfile.open(bundle / "gpu-check.tar.gz") as tar:

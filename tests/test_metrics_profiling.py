@@ -17,12 +17,12 @@ pytest.importorskip("torchmetrics")
 pytest.importorskip("torchdata")
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # for `examples`
 
+from examples.segmentation.evaluation import segmentation_metrics
 from examples.segmentation.profiling import (
     count_flops,
     count_parameters,
     throughput,
 )
-from examples.segmentation.stages import segmentation_metrics
 
 
 def reference_iou(pred, target, k, ignore):

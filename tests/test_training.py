@@ -20,7 +20,7 @@ from examples.segmentation.training import (
     decode_sample_key,
     fit,
 )
-from segdistill import DistillationWrapper, Translator
+from segdistill import FeatureSpec, Translator, presets
 
 
 class AugmentedShapes(Dataset):
@@ -62,9 +62,9 @@ def test_sampler_shards_cover_an_epoch_disjointly_and_key_the_epoch():
 def _wrapper():
     torch.manual_seed(0)
     teacher, student = tiny_pair()
-    return DistillationWrapper.knowledge_adaptation(
-        teacher, student, teacher_layer="relu", student_layer="relu",
-        translator=Translator(12, latent_channels=6), student_channels=6)
+    return presets.knowledge_adaptation(
+        teacher, student, teacher_layer="relu", student_layer=FeatureSpec("relu", channels=6),
+        translator=Translator(12, latent_channels=6))
 
 
 def test_fit_a_wrapper_logs_every_term_with_the_poly_schedule(tmp_path):

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from models import snapshot, tiny_pair
 from torch.utils.data import DataLoader, TensorDataset
 
-from segdistill import Translator, load_checkpoint, save_checkpoint, train_translator
+from segdistill import (
+    Translator,
+    TranslatorTrainingConfig,
+    load_checkpoint,
+    save_checkpoint,
+    train_translator,
+)
+
+_config = TranslatorTrainingConfig
+_FIELDS = {f.name for f in dataclasses.fields(TranslatorTrainingConfig)}
 
 
 def _loader(n=24, batch=4):
@@ -21,7 +32,8 @@ def test_trains_and_leaves_the_teacher_untouched():
     torch.manual_seed(0)
     teacher, _ = tiny_pair()
     before = snapshot(teacher)
-    result = train_translator(teacher, _loader(), "relu", epochs=4, lr=0.05, progress=False)
+    result = train_translator(teacher, _loader(), "relu",
+                              config=_config(epochs=4, lr=0.05, progress=False))
     assert len(result.history) == 4 * 6
     assert sum(result.history[-3:]) < 0.7 * sum(result.history[:3])
     assert not result.translator.training
@@ -41,32 +53,34 @@ def test_paper_defaults_in_the_optimiser(monkeypatch):
 
     monkeypatch.setattr(torch.optim.SGD, "__init__", spy)
     teacher, _ = tiny_pair()
-    train_translator(teacher, _loader(8), "relu", progress=False)
+    train_translator(teacher, _loader(8), "relu", config=_config(progress=False))
     assert seen == {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
 
 
 def test_batches_as_dicts_and_tensors():
     teacher, _ = tiny_pair()
     images = [torch.randn(2, 3, 8, 8) for _ in range(2)]
-    assert len(train_translator(teacher, images, "relu", progress=False).history) == 2
+    assert len(train_translator(teacher, images, "relu",
+                                config=_config(progress=False)).history) == 2
     dicts = [{"image": x, "label": None} for x in images]
-    assert len(train_translator(teacher, dicts, "relu", max_steps=1,
-                                progress=False).history) == 1
+    assert len(train_translator(teacher, dicts, "relu",
+                                config=_config(max_steps=1, progress=False)).history) == 1
 
 
 def test_checkpoint_loads_with_weights_only_and_resume_is_exact(tmp_path):
     teacher, _ = tiny_pair()
-    straight = train_translator(teacher, _loader(), "relu", epochs=2, progress=False,
-                                translator=_seeded_translator())
+    straight = train_translator(teacher, _loader(), "relu", translator=_seeded_translator(),
+                                config=_config(epochs=2, progress=False))
     path = tmp_path / "ckpt" / "translator.pt"
-    first = train_translator(teacher, _loader(), "relu", epochs=2, max_steps=5,
-                             progress=False, translator=_seeded_translator(),
-                             checkpoint_path=path, checkpoint_every=2)
+    first = train_translator(teacher, _loader(), "relu", translator=_seeded_translator(),
+                             config=_config(epochs=2, max_steps=5, progress=False,
+                                            checkpoint_path=path, checkpoint_every=2))
     assert len(first.history) == 5
     state = torch.load(path, weights_only=True)
     assert state["step"] == 5 and len(state["history"]) == 5
-    resumed = train_translator(teacher, _loader(), "relu", epochs=2, progress=False,
-                               checkpoint_path=path, resume=True)
+    resumed = train_translator(teacher, _loader(), "relu",
+                               config=_config(epochs=2, progress=False,
+                                              checkpoint_path=path, resume=True))
     assert resumed.history == pytest.approx(straight.history, rel=1e-6, abs=1e-7)
     for name, value in snapshot(resumed.translator).items():
         torch.testing.assert_close(value, snapshot(straight.translator)[name])
@@ -103,10 +117,11 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
 ])
 def test_errors(kwargs, error, match):
     teacher, _ = tiny_pair()
+    settings = {"progress": False, **{k: v for k, v in kwargs.items() if k in _FIELDS}}
     args = {"teacher": teacher, "loader": _loader(8), "feature_layer": "relu",
-            "progress": False, **kwargs}
+            **{k: v for k, v in kwargs.items() if k not in _FIELDS}}
     with pytest.raises(error, match=match):
-        train_translator(**args)
+        train_translator(**args, config=_config(**settings))
 
 
 def test_feature_that_is_not_4d():
@@ -114,7 +129,8 @@ def test_feature_that_is_not_4d():
     teacher.flat = torch.nn.Flatten()
     with pytest.raises(ValueError, match=r"expected the teacher's layer 'flat' to be a 4-D "
                                          r"\(B, C, H, W\) tensor, got shape \(2, 80\)"):
-        train_translator(teacher, [torch.randn(2, 3, 8, 8)], "flat", progress=False)
+        train_translator(teacher, [torch.randn(2, 3, 8, 8)], "flat",
+                         config=_config(progress=False))
 
 
 def test_load_checkpoint_missing(tmp_path):
@@ -138,8 +154,38 @@ class _ListEncoder(torch.nn.Module):
 ])
 def test_a_selector_on_the_feature_layer_and_batch_forms(batches):
     teacher = torch.nn.Sequential(_ListEncoder())
-    result = train_translator(teacher, batches, "0[-1]", progress=False)
+    result = train_translator(teacher, batches, "0[-1]", config=_config(progress=False))
     assert result.translator.in_channels == 6
     with pytest.raises(ValueError, match=r"the teacher's layer '0' returns list of 2 .*e.g. "
                                          r"'0\[-1\]'"):
-        train_translator(teacher, batches, "0", progress=False)
+        train_translator(teacher, batches, "0", config=_config(progress=False))
+
+
+@pytest.mark.parametrize("fields,error,match", [
+    ({"epochs": 1.5}, TypeError, r"epochs must be an int, got float"),
+    ({"max_steps": 0}, ValueError, r"max_steps must be a positive int, got 0"),
+    ({"latent_channels": "4"}, TypeError, r"latent_channels must be an int, got str"),
+    ({"alpha": float("nan")}, ValueError, r"alpha must be finite, got nan"),
+    ({"momentum": "0.9"}, TypeError, r"momentum must be a real number, got str"),
+    ({"input_key": 1.0}, TypeError, r"input_key must be a str, an int or None, got float"),
+    ({"device": 0}, TypeError, r"device must be a str, a torch.device or None, got int"),
+    ({"device": "gpu"}, ValueError, r"device must name a torch device .*, got 'gpu'"),
+    ({"checkpoint_path": 3}, TypeError, r"checkpoint_path must be a str or an os.PathLike, "
+                                        r"got int"),
+    ({"resume": "yes", "checkpoint_path": "c.pt"}, TypeError, r"resume must be a bool, got str"),
+    ({"checkpoint_every": 5}, ValueError, r"resume and checkpoint_every need a checkpoint_path"),
+])
+def test_the_config_checks_its_fields(fields, error, match):
+    with pytest.raises(error, match=match):
+        TranslatorTrainingConfig(**fields)
+
+
+def test_the_config_is_frozen_and_defaults_to_the_paper():
+    config = TranslatorTrainingConfig()
+    assert (config.epochs, config.lr, config.momentum, config.weight_decay, config.alpha) == (
+        1, 0.1, 0.9, 1e-4, 1e-7)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(TypeError, match=r"expected config to be a "
+                                        r"segdistill.TranslatorTrainingConfig, got dict"):
+        train_translator(torch.nn.ReLU(), [], "0", config={"epochs": 1})

@@ -11,6 +11,7 @@ from segdistill import (
     AffinityLoss,
     DistillationTerm,
     DistillationWrapper,
+    FeatureSpec,
     Translator,
     affinity_loss,
     attention_transfer_loss,
@@ -18,6 +19,7 @@ from segdistill import (
     fitnet_loss,
     kd_loss,
     pairwise_loss,
+    presets,
 )
 
 
@@ -25,9 +27,9 @@ def _paper_wrapper(latent=6):
     torch.manual_seed(0)
     teacher, student = tiny_pair()
     translator = Translator(12, latent_channels=latent)
-    wrapper = DistillationWrapper.knowledge_adaptation(
-        teacher, student, teacher_layer="relu", student_layer="relu", translator=translator,
-        student_channels=6,
+    wrapper = presets.knowledge_adaptation(
+        teacher, student, teacher_layer="relu", student_layer=FeatureSpec("relu", channels=6),
+        translator=translator,
     )
     return wrapper, teacher, student, translator
 
@@ -136,7 +138,7 @@ def test_grids_differing_by_stride_rounding_are_aligned():
 
 def test_real_mismatch_resizes_only_when_asked():
     teacher, student = tiny_pair()
-    term = DistillationTerm(AffinityLoss(), student="s", teacher="t", resize="student")
+    term = DistillationTerm(AffinityLoss(resize="student"), student="s", teacher="t")
     wrapper = DistillationWrapper(teacher, student, {"aff": term}, {"t": "body"}, {"s": "relu"})
     assert torch.isfinite(wrapper(torch.randn(2, 3, 16, 16)).loss)
 
@@ -184,9 +186,9 @@ def test_torchvision_deeplabv3_teacher_and_mobilenet_v2_student():
     teacher = deeplabv3_teacher()
     student = mobilenet_v2_os16()
     translator = Translator(2048, latent_channels=32)
-    wrapper = DistillationWrapper.knowledge_adaptation(
-        teacher, student, teacher_layer="backbone.layer4", student_layer="backbone",
-        translator=translator, student_channels=96,
+    wrapper = presets.knowledge_adaptation(
+        teacher, student, teacher_layer="backbone.layer4",
+        student_layer=FeatureSpec("backbone", channels=96), translator=translator,
     )
     x = torch.randn(2, 3, 65, 65)  # OS 8: 9 x 9, encoded 5 x 5; OS 16: 5 x 5
     out = wrapper(x)
@@ -199,8 +201,8 @@ def test_torchvision_deeplabv3_teacher_and_mobilenet_v2_student():
 def test_plain_sequential_pair_with_custom_terms():
     teacher, student = tiny_pair()
     terms = {
-        "aff": DistillationTerm(AffinityLoss(distance="squared"), student="s", teacher="t",
-                                weight=2.0, resize="teacher"),
+        "aff": DistillationTerm(AffinityLoss(distance="squared", resize="teacher"),
+                                student="s", teacher="t", weight=2.0),
     }
     wrapper = DistillationWrapper(teacher, student, terms, {"t": "relu"}, {"s": "relu"})
     out = wrapper(torch.randn(2, 3, 8, 8))
@@ -213,7 +215,7 @@ def test_kd_preset_with_torchvision_dict_outputs_and_an_ignore_mask():
     torch.manual_seed(0)
     teacher = deeplabv3_teacher(num_classes=4)
     student = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4)
-    wrapper = DistillationWrapper.kd(teacher, student, temperature=2.0)
+    wrapper = presets.kd(teacher, student, temperature=2.0)
     x = torch.randn(2, 3, 32, 32)
     target = torch.randint(0, 4, (2, 32, 32))
     target[:, :16] = 255
@@ -227,9 +229,8 @@ def test_kd_preset_with_torchvision_dict_outputs_and_an_ignore_mask():
 
 def test_fitnet_preset_trains_its_regressor():
     teacher, student = tiny_pair()
-    wrapper = DistillationWrapper.fitnet(teacher, student, teacher_layer="relu",
-                                         student_layer="relu", student_channels=6,
-                                         teacher_channels=12, resize="teacher")
+    wrapper = presets.fitnet(teacher, student, teacher_layer=FeatureSpec("relu", channels=12),
+                             student_layer=FeatureSpec("relu", channels=6), resize="teacher")
     regressor = wrapper.terms["fitnet"].loss.regressor
     assert {id(p) for p in regressor.parameters()} <= {
         id(p) for p in wrapper.trainable_parameters()}
@@ -252,7 +253,7 @@ def test_fitnet_preset_trains_its_regressor():
 ])
 def test_feature_presets(preset, kwargs, fn):
     teacher, student = tiny_pair()
-    wrapper = getattr(DistillationWrapper, preset)(teacher, student, **kwargs)
+    wrapper = presets.get_preset(preset)(teacher, student, **kwargs)
     x = torch.randn(2, 3, 16, 16)
     out = wrapper(x)
     phi_t = teacher.relu(teacher.body(teacher.act(teacher.stem(x)))).detach()
@@ -263,7 +264,7 @@ def test_feature_presets(preset, kwargs, fn):
 
 def test_cwd_preset_on_logits():
     teacher, student = tiny_pair()
-    wrapper = DistillationWrapper.cwd(teacher, student, resize="teacher")
+    wrapper = presets.cwd(teacher, student, resize="teacher")
     x = torch.randn(2, 3, 16, 16)
     out = wrapper(x)
     t_logits = teacher(x).detach()
@@ -273,15 +274,14 @@ def test_cwd_preset_on_logits():
 
 def test_zero_weight_leaves_a_term_out():
     teacher, student = tiny_pair()
-    wrapper = DistillationWrapper.knowledge_adaptation(
-        teacher, student, teacher_layer="relu", student_layer="relu",
-        translator=Translator(12), student_channels=6, adaptation_weight=0.0)
+    wrapper = presets.knowledge_adaptation(
+        teacher, student, teacher_layer="relu", student_layer=FeatureSpec("relu", channels=6),
+        translator=Translator(12), adaptation_weight=0.0)
     assert list(wrapper.terms) == ["affinity"]
     with pytest.raises(ValueError, match=r"both 0: nothing to distil"):
-        DistillationWrapper.knowledge_adaptation(
-            teacher, student, teacher_layer="relu", student_layer="relu",
-            translator=Translator(12), student_channels=6, adaptation_weight=0.0,
-            affinity_weight=0.0)
+        presets.knowledge_adaptation(
+            teacher, student, teacher_layer="relu", student_layer=FeatureSpec("relu", channels=6),
+            translator=Translator(12), adaptation_weight=0.0, affinity_weight=0.0)
 
 
 # ---- errors ----------------------------------------------------------------------------
@@ -310,9 +310,10 @@ def _term(**kwargs):
     (lambda t, s: _term(weight=-1.0), ValueError, r"weight must be at least 0.0, got -1.0"),
     (lambda t, s: _term(student_adapter="conv"), TypeError,
      r"expected student_adapter to be an nn.Module, got str"),
-    (lambda t, s: DistillationWrapper.knowledge_adaptation(
-        t, s, teacher_layer="relu", student_layer="relu", translator=nn.Conv2d(1, 1, 1),
-        student_channels=6), TypeError, r"expected translator to be a segdistill.Translator"),
+    (lambda t, s: presets.knowledge_adaptation(
+        t, s, teacher_layer="relu", student_layer=FeatureSpec("relu", channels=6),
+        translator=nn.Conv2d(1, 1, 1)), TypeError,
+     r"expected translator to be a segdistill.Translator"),
 ])
 def test_construction_errors(make, error, match):
     teacher, student = tiny_pair()
@@ -349,71 +350,70 @@ def test_batch_mismatch():
 
 def test_translator_channels_do_not_match_the_teacher_layer():
     teacher, student = tiny_pair()
-    wrapper = DistillationWrapper.knowledge_adaptation(
-        teacher, student, teacher_layer="relu", student_layer="relu",
-        translator=Translator(32), student_channels=6)
-    with pytest.raises(ValueError, match=r"term 'adaptation': the teacher's layer 'relu' has 12 "
-                                         r"channels but the term was built for 32; pass the "
-                                         r"teacher_layer with 32 channels"):
+    wrapper = presets.knowledge_adaptation(
+        teacher, student, teacher_layer="relu", student_layer=FeatureSpec("relu", channels=6),
+        translator=Translator(32))
+    with pytest.raises(ValueError, match=r"the teacher's layer 'relu' has 12 channels but its "
+                                         r"FeatureSpec says channels=32 .*or a layer with 32 "
+                                         r"channels"):
         wrapper(torch.randn(2, 3, 8, 8))
     with pytest.raises(ValueError, match=r"the translator takes 32 channels but the teacher's "
                                          r"layer 'relu' has 12: pass the teacher_layer the "
                                          r"translator was trained on"):
-        DistillationWrapper.knowledge_adaptation(
+        presets.knowledge_adaptation(
             teacher, student, teacher_layer="relu", student_layer="relu",
             translator=Translator(32), example_input=torch.randn(1, 3, 8, 8))
 
 
 def test_student_channels_do_not_match_the_adapter():
     teacher, student = tiny_pair()
-    wrapper = DistillationWrapper.knowledge_adaptation(
-        teacher, student, teacher_layer="relu", student_layer="relu",
-        translator=Translator(12), student_channels=7)
-    with pytest.raises(ValueError, match=r"term 'adaptation': the student's layer 'relu' has 6 "
-                                         r"channels but the term was built for 7; pass "
-                                         r"student_channels=6"):
+    wrapper = presets.knowledge_adaptation(
+        teacher, student, teacher_layer="relu", student_layer=FeatureSpec("relu", channels=7),
+        translator=Translator(12))
+    with pytest.raises(ValueError, match=r"the student's layer 'relu' has 6 channels but its "
+                                         r"FeatureSpec says channels=7 .*pass "
+                                         r"FeatureSpec\('relu', channels=6\)"):
         wrapper(torch.randn(2, 3, 8, 8))
-    with pytest.raises(ValueError, match=r"knowledge_adaptation: student_channels=7, but the "
-                                         r"student's layer 'relu' has 6 channels on "
-                                         r"example_input; pass student_channels=6"):
-        DistillationWrapper.knowledge_adaptation(
-            teacher, student, teacher_layer="relu", student_layer="relu",
-            translator=Translator(12), student_channels=7, example_input=torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"the student's layer 'relu' has 6 channels on "
+                                         r"example_input, but its FeatureSpec says channels=7; "
+                                         r"pass channels=6"):
+        presets.knowledge_adaptation(
+            teacher, student, teacher_layer="relu", student_layer=FeatureSpec("relu", channels=7),
+            translator=Translator(12), example_input=torch.randn(1, 3, 8, 8))
 
 
 def test_fitnet_student_channels_mismatch_names_the_term_and_argument():
     teacher, student = tiny_pair()
-    wrapper = DistillationWrapper.fitnet(teacher, student, teacher_layer="relu",
-                                         student_layer="relu", student_channels=5,
-                                         teacher_channels=12, resize="teacher")
-    with pytest.raises(ValueError, match=r"term 'fitnet': the student's layer 'relu' has 6 "
-                                         r"channels but the term was built for 5; pass "
-                                         r"student_channels=6"):
+    wrapper = presets.fitnet(teacher, student, teacher_layer=FeatureSpec("relu", channels=12),
+                             student_layer=FeatureSpec("relu", channels=5), resize="teacher")
+    with pytest.raises(ValueError, match=r"the student's layer 'relu' has 6 channels but its "
+                                         r"FeatureSpec says channels=5 .*pass "
+                                         r"FeatureSpec\('relu', channels=6\)"):
         wrapper(torch.randn(2, 3, 8, 8))
 
 
 # ---- channel counts from example_input ---------------------------------------------------
 
 @pytest.mark.parametrize("preset,kwargs,missing", [
-    ("knowledge_adaptation", {"translator": Translator(12)}, r"student_channels= \(the channels "
-                                                             r"at student_layer\)"),
-    ("fitnet", {}, r"student_channels= and teacher_channels= \(the channels at student_layer "
-                   r"and teacher_layer\)"),
-    ("fitnet", {"student_channels": 6}, r"fitnet needs teacher_channels= \(the channels at "
-                                        r"teacher_layer\)"),
+    ("knowledge_adaptation", {"translator": Translator(12)},
+     r"knowledge_adaptation needs the channels of student_layer 'relu'"),
+    ("fitnet", {}, r"fitnet needs the channels of student_layer 'relu' and teacher_layer 'relu'"),
+    ("fitnet", {"student_layer": FeatureSpec("relu", channels=6)},
+     r"fitnet needs the channels of teacher_layer 'relu'"),
 ])
 def test_missing_channels_without_example_input(preset, kwargs, missing):
     teacher, student = tiny_pair()
-    with pytest.raises(ValueError, match=missing + r", or example_input= \(one batch\)"):
-        getattr(DistillationWrapper, preset)(teacher, student, teacher_layer="relu",
-                                             student_layer="relu", **kwargs)
+    kwargs = {"teacher_layer": "relu", "student_layer": "relu", **kwargs}
+    with pytest.raises(ValueError, match=missing + r": pass FeatureSpec\(layer, channels=C\), "
+                                         r"or example_input= \(one batch\)"):
+        presets.get_preset(preset)(teacher, student, **kwargs)
 
 
 def test_channels_read_from_example_input_before_the_optimiser_is_built():
     teacher, student = tiny_pair()
     teacher.train()
     student.train()
-    wrapper = DistillationWrapper.fitnet(teacher, student, teacher_layer="relu",
+    wrapper = presets.fitnet(teacher, student, teacher_layer="relu",
                                          student_layer="relu", resize="teacher",
                                          example_input=torch.randn(1, 3, 8, 8))
     regressor = wrapper.terms["fitnet"].loss.regressor
@@ -421,7 +421,7 @@ def test_channels_read_from_example_input_before_the_optimiser_is_built():
     assert {id(p) for p in regressor.parameters()} <= {
         id(p) for p in wrapper.trainable_parameters()}
     assert student.training  # the probe ran in eval mode and restored the flags
-    paper = DistillationWrapper.knowledge_adaptation(
+    paper = presets.knowledge_adaptation(
         *tiny_pair(), teacher_layer="relu", student_layer="relu", translator=Translator(12),
         example_input=torch.randn(1, 3, 8, 8))
     assert paper.terms["affinity"].student_adapter.in_channels == 6
@@ -454,15 +454,15 @@ class _ToObject(nn.Module):
 def test_outputs_are_selected_per_side():
     t_model, s_model = _logit_models()
     x = torch.randn(2, 3, 16, 16)
-    automatic = DistillationWrapper.cwd(t_model, s_model, resize="teacher")
-    explicit = DistillationWrapper.cwd(t_model, s_model, resize="teacher", teacher_output="out",
+    automatic = presets.cwd(t_model, s_model, resize="teacher")
+    explicit = presets.cwd(t_model, s_model, resize="teacher", teacher_output="out",
                                        student_output=lambda out: out.logits)
     expected = 3.0 * cwd_loss(
         nn.functional.interpolate(s_model(x).logits, size=(8, 8), mode="bilinear"),
         t_model(x)["out"])
     torch.testing.assert_close(automatic(x).losses["cwd"], expected)
     torch.testing.assert_close(explicit(x).losses["cwd"], expected)
-    by_index = DistillationWrapper.kd(nn.Sequential(t_model[0], _ToTuple()), s_model,
+    by_index = presets.kd(nn.Sequential(t_model[0], _ToTuple()), s_model,
                                       teacher_output=1, resize="teacher")
     assert torch.isfinite(by_index(x).loss)
 
@@ -483,7 +483,7 @@ class _ToTuple(nn.Module):
 ])
 def test_output_selection_errors(teacher_output, error, match):
     t_model = nn.Sequential(tiny_pair()[0], _ToTuple())
-    wrapper = DistillationWrapper.kd(t_model, _logit_models()[1], teacher_output=teacher_output,
+    wrapper = presets.kd(t_model, _logit_models()[1], teacher_output=teacher_output,
                                      resize="teacher")
     with pytest.raises(error, match=match):
         wrapper(torch.randn(2, 3, 16, 16))
@@ -493,12 +493,12 @@ def test_output_selector_type_is_checked_at_construction():
     with pytest.raises(TypeError, match=r"expected student_output to be None, a key \(str\), an "
                                         r"index \(int\) or a callable returning the logits, got "
                                         r"float"):
-        DistillationWrapper.kd(*tiny_pair(), student_output=1.5)
+        presets.kd(*tiny_pair(), student_output=1.5)
 
 
 def test_feature_presets_ignore_outputs_they_do_not_use():
     t_model = nn.Sequential(tiny_pair()[0], _ToTuple())  # no logits found automatically
-    wrapper = DistillationWrapper.attention_transfer(
+    wrapper = presets.attention_transfer(
         t_model, tiny_pair()[1], teacher_layer="0.relu", student_layer="relu", resize="teacher")
     assert torch.isfinite(wrapper(torch.randn(2, 3, 16, 16)).loss)
 
@@ -506,25 +506,67 @@ def test_feature_presets_ignore_outputs_they_do_not_use():
 # ---- labels -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("labels,error,match", [
-    (torch.zeros(2, 8, 8), TypeError, r"term 'kd': expected integer labels, got torch.float32"),
+    (torch.zeros(2, 8, 8), TypeError,
+     r"term 'kd': expected target to hold integer labels, got torch.float32"),
     (torch.zeros(2, 1, 8, 8, dtype=torch.long), ValueError,
-     r"term 'kd': expected labels of shape \(B, H, W\) with B = 2, got shape \(2, 1, 8, 8\)"),
-    (torch.zeros(2, 16, 16, dtype=torch.long), ValueError,
-     r"term 'kd': labels on a 16 x 16 grid but the logits they mask are 8 x 8 \(after "
-     r"resize='teacher'\)"),
+     r"term 'kd': expected target of shape \(B, H, W\), got a 4-D tensor of shape "
+     r"\(2, 1, 8, 8\)"),
+    (torch.zeros(3, 8, 8, dtype=torch.long), ValueError,
+     r"term 'kd': expected logits and target with the same batch size, got 2 and 3"),
     (torch.full((2, 8, 8), 5), ValueError,
      r"term 'kd': labels must be in \[0, 5\) or ignore_index=255, got values from 5 to 5"),
     (torch.full((2, 8, 8), -1), ValueError, r"labels must be in \[0, 5\) or ignore_index=255, "
                                             r"got values from -1 to -1"),
 ])
 def test_kd_labels_are_checked(labels, error, match):
-    wrapper = DistillationWrapper.kd(*tiny_pair(), resize="teacher")
+    wrapper = presets.kd(*tiny_pair(), resize="teacher")
     with pytest.raises(error, match=match):
         wrapper(torch.randn(2, 3, 16, 16), target=labels)
 
 
+@pytest.mark.parametrize("labels,ignore_index", [
+    (torch.full((2, 16, 16), 7), 255),   # 7 for 5 classes
+    (torch.full((2, 16, 16), -1), 255),  # -1 without ignore_index=-1
+    (torch.full((2, 16, 16), 255), None),
+])
+def test_one_label_rule_standalone_and_through_the_wrapper(labels, ignore_index):
+    """The same labels give the same answer by kd_loss and by the kd preset: an error."""
+    teacher, student = tiny_pair()
+    wrapper = presets.kd(teacher, student, resize="teacher", ignore_index=ignore_index)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        s, t = student(x), teacher(x)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)") as standalone:
+        kd_loss(s, t, labels, ignore_index=ignore_index)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)") as wrapped:
+        wrapper(x, target=labels)
+    assert str(wrapped.value) == f"term 'kd': {standalone.value}"
+
+
+def test_labels_on_another_grid_are_resized_alike_standalone_and_in_the_wrapper():
+    teacher, student = tiny_pair()
+    wrapper = presets.kd(teacher, student, resize="teacher", temperature=2.0)
+    x = torch.randn(2, 3, 16, 16)
+    labels = torch.randint(0, 5, (2, 16, 16))  # the input's grid; the logits are 8 x 8
+    labels[:, :8] = 255
+    with torch.no_grad():
+        s, t = student(x), teacher(x)
+    expected = kd_loss(s, t, labels, temperature=2.0)
+    torch.testing.assert_close(wrapper(x, target=labels).losses["kd"], expected)
+    assert not torch.allclose(expected, kd_loss(s, t, temperature=2.0))  # the mask acted
+
+
+def test_validate_args_off_skips_the_range_check_only():
+    teacher, student = tiny_pair()
+    wrapper = presets.kd(teacher, student, resize="teacher", validate_args=False)
+    labels = torch.full((2, 8, 8), 7)
+    assert torch.isfinite(wrapper(torch.randn(2, 3, 16, 16), target=labels).loss)
+    with pytest.raises(TypeError, match=r"term 'kd': expected target to hold integer labels"):
+        wrapper(torch.randn(2, 3, 16, 16), target=labels.float())
+
+
 def test_kd_labels_at_ignore_index_or_in_range_pass():
-    wrapper = DistillationWrapper.kd(*tiny_pair(), resize="teacher", ignore_index=None)
+    wrapper = presets.kd(*tiny_pair(), resize="teacher", ignore_index=None)
     labels = torch.randint(0, 5, (2, 8, 8))
     assert torch.isfinite(wrapper(torch.randn(2, 3, 16, 16), target=labels).loss)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 5\), got values from 0 to 255"):
@@ -559,7 +601,7 @@ class _PyramidNet(nn.Module):
 def test_layer_selectors_pick_the_named_element():
     teacher, _ = tiny_pair()
     student = _PyramidNet()
-    wrapper = DistillationWrapper.attention_transfer(teacher, student, teacher_layer="relu",
+    wrapper = presets.attention_transfer(teacher, student, teacher_layer="relu",
                                                      student_layer="encoder[1]")
     x = torch.randn(2, 3, 16, 16)
     phi_t = teacher.relu(teacher.body(teacher.act(teacher.stem(x)))).detach()
@@ -568,7 +610,7 @@ def test_layer_selectors_pick_the_named_element():
 
 
 def test_structured_layer_without_selector_raises_with_what_it_holds():
-    wrapper = DistillationWrapper.attention_transfer(tiny_pair()[0], _PyramidNet(),
+    wrapper = presets.attention_transfer(tiny_pair()[0], _PyramidNet(),
                                                      teacher_layer="relu",
                                                      student_layer="encoder")
     with pytest.raises(ValueError, match=r"the student's layer 'encoder' returns list of 3 "
@@ -581,7 +623,7 @@ def test_structured_layer_without_selector_raises_with_what_it_holds():
 
 
 def test_wrong_selector_raises_at_the_first_step_with_the_written_path():
-    wrapper = DistillationWrapper.attention_transfer(tiny_pair()[0], _PyramidNet(),
+    wrapper = presets.attention_transfer(tiny_pair()[0], _PyramidNet(),
                                                      teacher_layer="relu",
                                                      student_layer="encoder[3]")
     with pytest.raises(ValueError, match=r"the student's layer 'encoder\[3\]' has no element 3; "
@@ -598,7 +640,7 @@ def test_wrong_selector_raises_at_the_first_step_with_the_written_path():
 ])
 def test_bad_layer_paths_fail_at_construction(layer, match):
     with pytest.raises(ValueError, match=match):
-        DistillationWrapper.attention_transfer(tiny_pair()[0], _PyramidNet(),
+        presets.attention_transfer(tiny_pair()[0], _PyramidNet(),
                                                teacher_layer="relu", student_layer=layer)
 
 
@@ -606,7 +648,7 @@ def test_bad_layer_paths_fail_at_construction(layer, match):
 
 def test_export_student_unwraps_a_compiled_student():
     teacher, student = tiny_pair()
-    wrapper = DistillationWrapper.attention_transfer(
+    wrapper = presets.attention_transfer(
         teacher, torch.compile(student), teacher_layer="relu", student_layer="relu",
         resize="teacher")
     exported = wrapper.export_student()
@@ -620,6 +662,6 @@ def test_presets_are_reachable_from_the_class_and_the_module():
 
     teacher, student = tiny_pair()
     a = presets.kd(teacher, student, temperature=2.0)
-    b = DistillationWrapper.kd(*tiny_pair(), temperature=2.0)
+    b = presets.kd(*tiny_pair(), temperature=2.0)
     assert type(a) is type(b) is DistillationWrapper
     assert repr(a.terms) == repr(b.terms)

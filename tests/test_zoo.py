@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segdistill import FitNetLoss, Translator, presets
+from segdistill import FitNetLoss, Translator, kd_loss, presets
 from segdistill.hooks import feature_shapes, select_output
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,10 +194,14 @@ def test_segformer_student_kd_at_another_logit_resolution():
                                          r"pass resize='student' or resize='teacher'"):
         wrapper(images, target=labels)
     wrapper.remove_hooks()
-    wrapper = presets.kd(teacher, student, resize="student")  # teacher's logits down to 8
-    with pytest.raises(ValueError, match=r"term 'kd': labels on a 32 x 32 grid but the logits "
-                                         r"they mask are 8 x 8 \(after resize='student'\)"):
-        wrapper(images, target=labels)
+    # the teacher's logits down to 8 x 8; the 32 x 32 labels follow the one label rule
+    # (nearest-resized onto the 8 x 8 grid), as kd_loss does standalone
+    wrapper = presets.kd(teacher, student, resize="student")
+    out = wrapper(images, target=labels)
+    with torch.no_grad():
+        t_logits = teacher(images)["out"]
+    expected = kd_loss(out.output.logits, t_logits, labels, resize="student")
+    torch.testing.assert_close(out.losses["kd"], expected)
     wrapper.remove_hooks()
     out = _train(presets.kd(teacher, student, resize="teacher"), student_output="logits")
     assert out.output.logits.shape == (2, CLASSES, 8, 8)
@@ -208,7 +212,7 @@ def test_segformer_student_fitnet_on_a_stage():
     student = segformer()
     wrapper = presets.fitnet(teacher, student, teacher_layer="backbone['out']",
                              student_layer="segformer.stages.2", example_input=_batch()[0])
-    assert wrapper.terms["fitnet"].student_channels == SEGFORMER_SMALL["hidden_sizes"][2]
+    assert wrapper.terms["fitnet"].loss.student_channels == SEGFORMER_SMALL["hidden_sizes"][2]
     _train(wrapper)
 
 

@@ -32,6 +32,10 @@ from typing import Any
 from examples.segmentation import config as configs
 from examples.segmentation import stages
 from examples.segmentation.cli import make_run
+from examples.segmentation.evaluation import evaluate
+from examples.segmentation.methods import TRANSLATOR_METHODS
+from examples.segmentation.reporting import footer, machine, visualize
+from examples.segmentation.run import Run
 
 PAPER_BETA, PAPER_GAMMA = 50.0, 1.0
 """The paper's stage-2 weights of the adaptation and the affinity term."""
@@ -42,12 +46,12 @@ ROWS: dict[str, tuple[str, dict[str, float]]] = {
     "kd_T4": ("kd", {"kd_temperature": 4.0}),
     "kd_T6": ("kd", {"kd_temperature": 6.0}),
     "fitnet": ("fitnet", {}),
-    "attention": ("attention", {}),
+    "attention": ("attention_transfer", {}),
     "pairwise": ("pairwise", {}),
     "cwd": ("cwd", {}),
-    "affinity": ("paper", {"adaptation_weight": 0.0}),
-    "adaptation": ("paper", {"affinity_weight": 0.0}),
-    "adaptation+affinity": ("paper", {}),
+    "affinity": ("knowledge_adaptation", {"adaptation_weight": 0.0}),
+    "adaptation": ("knowledge_adaptation", {"affinity_weight": 0.0}),
+    "adaptation+affinity": ("knowledge_adaptation", {}),
 }
 """Each row: the pipeline's method (``student``: no distillation) and the config fields
 it sets. The weights of the paper's terms come from ``--beta``/``--gamma``."""
@@ -71,7 +75,7 @@ def variants(row: str, betas: Sequence[float], gammas: Sequence[float]
 ('affinity (gamma=10)', {'adaptation_weight': 0.0, 'affinity_weight': 10.0})]
     """
     method, fixed = ROWS[row]
-    if method != "paper":
+    if method != "knowledge_adaptation":
         return [(row, dict(fixed))]
     uses_beta, uses_gamma = "adaptation" in row, "affinity" in row
     out = []
@@ -149,7 +153,7 @@ def format_table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_ablation(run: stages.Run, out: Path, rows: Sequence[str], seeds: Sequence[int],
+def run_ablation(run: Run, out: Path, rows: Sequence[str], seeds: Sequence[int],
                  betas: Sequence[float], gammas: Sequence[float],
                  figure: bool = True, reuse: bool = False) -> dict[str, Any]:
     """Train the teacher and (if a row needs it) the translator once, then every row for
@@ -162,11 +166,11 @@ def run_ablation(run: stages.Run, out: Path, rows: Sequence[str], seeds: Sequenc
     t0 = time.perf_counter()
     if not (reuse and (run.out / "teacher" / "model.pt").is_file()):
         stages.train_teacher(run)
-    if any(ROWS[r][0] == "paper" for r in rows) and not (
+    if any(ROWS[r][0] in TRANSLATOR_METHODS for r in rows) and not (
             reuse and (run.out / "translator" / "model.pt").is_file()):
         stages.train_translator_stage(run)
-    teacher = stages.evaluate(run, "teacher", echo=False)
-    results: dict[str, Any] = {"config": asdict(run.config), "machine": stages.machine(),
+    teacher = evaluate(run, "teacher", echo=False)
+    results: dict[str, Any] = {"config": asdict(run.config), "machine": machine(),
                                "rows": [{**teacher, "method": "teacher", "seed": run.config.seed}]}
     shown: dict[str, str] = {"teacher": "teacher"}
     for seed in seeds:
@@ -177,7 +181,7 @@ def run_ablation(run: stages.Run, out: Path, rows: Sequence[str], seeds: Sequenc
                 folder = _folder(label, seed)
                 history = (stages.train_student(seeded, folder) if method == "student"
                            else stages.distill(seeded, method, folder))
-                scores = stages.evaluate(seeded, folder, echo=False)
+                scores = evaluate(seeded, folder, echo=False)
                 start, end = loss_scales(history)
                 results["rows"].append({**scores, "method": label, "seed": seed,
                                         "weights": fields, "terms_start": start,
@@ -190,7 +194,7 @@ def run_ablation(run: stages.Run, out: Path, rows: Sequence[str], seeds: Sequenc
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     if figure and run.main:
-        results["figure"] = str(stages.visualize(run, shown, path=out / "ablation.png"))
+        results["figure"] = str(visualize(run, shown, path=out / "ablation.png"))
     return results
 
 
@@ -234,15 +238,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                            figure=not args.no_figure, reuse=args.reuse_teacher)
     command = "python -m examples.segmentation.ablation " + shlex.join(
         argv if argv is not None else sys.argv[1:])
-    footer = stages.footer(results["seconds"])
+    ending = footer(results["seconds"])
     table = format_table(results["summary"])
-    print(f"{table}\n\n{footer}")
+    print(f"{table}\n\n{ending}")
     scales = format_scales(results["rows"])
     if scales:
         print(f"\nweighted loss terms (mean over seeds):\n{scales}")
         scales = f"\nWeighted loss terms, mean over seeds:\n\n{scales}\n"
     (out / "summary.md").write_text(
-        f"{table}\n\nCommand: `{command.strip()}`  \nMachine: {footer}  \n"
+        f"{table}\n\nCommand: `{command.strip()}`  \nMachine: {ending}  \n"
         f"{weights}, {run.config.distill_steps} student steps, seeds {args.seeds}\n{scales}")
     if "figure" in results:
         print(f"figure: {results['figure']}")

@@ -16,18 +16,19 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import torch
 import torch.distributed as dist
 
 from examples.segmentation import config as configs
 from examples.segmentation import export, stages
-
-STAGES = ("teacher", "student", "translator", "distill", "evaluate", "visualize", "export",
-          "all")
+from examples.segmentation.evaluation import evaluate
+from examples.segmentation.methods import METHODS
+from examples.segmentation.reporting import visualize
+from examples.segmentation.run import Run, dataset, setup
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,10 +41,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, help="the dataset's root folder (VOC, Cityscapes, Pascal "
                    "Context)")
     p.add_argument("--out", type=Path, help="output folder (default runs/<dataset>)")
-    p.add_argument("--method", choices=stages.METHODS, default="paper",
-                   help="distillation method for 'distill' and 'all' (default: paper)")
+    p.add_argument("--method", choices=METHODS, default="knowledge_adaptation",
+                   help="distillation method for 'distill' and 'all': a preset of "
+                   "segdistill.presets.PRESETS (default: knowledge_adaptation, the paper's)")
     p.add_argument("--models", nargs="+", help="models for 'evaluate'/'visualize', e.g. "
-                   "teacher student distill-paper ('export': students only; default "
+                   "teacher student distill-knowledge_adaptation ('export': students only; "
+                   "default "
                    "distill-<method>)")
     p.add_argument("--formats", nargs="+", choices=get_args(export.Format),
                    default=list(get_args(export.Format)),
@@ -59,15 +62,58 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_run(args: argparse.Namespace) -> stages.Run:
+def make_run(args: argparse.Namespace) -> Run:
     """The run the parsed arguments describe (and the process group under torchrun)."""
     config = configs.from_flags(args, args.dataset)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    device, rank, world = stages.setup(args.device)
-    return stages.Run(config, args.root, args.out or Path("runs") / args.dataset, device, rank,
+    device, rank, world = setup(args.device)
+    return Run(config, args.root, args.out or Path("runs") / args.dataset, device, rank,
                       world, args.resume, args.stop_after,
                       progress=not args.no_progress and sys.stderr.isatty())
+
+
+def _models(args: argparse.Namespace, default: Sequence[str]) -> list[str]:
+    return list(args.models or default)
+
+
+def _evaluate(run: Run, args: argparse.Namespace) -> None:
+    for name in _models(args, ["teacher", "student", f"distill-{args.method}"]):
+        evaluate(run, name)
+
+
+def _visualize(run: Run, args: argparse.Namespace) -> None:
+    if run.main:
+        path = visualize(run, _models(args, ["teacher", "student", f"distill-{args.method}"]),
+                         pixel=tuple(args.pixel) if args.pixel else None)
+        print(f"figure: {path}")
+
+
+def _export(run: Run, args: argparse.Namespace) -> None:
+    for name in _models(args, [f"distill-{args.method}"]):
+        stages.export(run, name, args.formats)
+
+
+def _all(run: Run, args: argparse.Namespace, argv: Sequence[str] | None) -> None:
+    command = shlex.join(["python", "-m", "examples.segmentation",
+                          *(sys.argv[1:] if argv is None else argv)])
+    stages.run_all(run, args.method, command)
+
+
+COMMANDS: dict[str, Callable[[Run, argparse.Namespace, Sequence[str] | None], Any]] = {
+    "teacher": lambda run, args, argv: stages.train_teacher(run),
+    "student": lambda run, args, argv: stages.train_student(run),
+    "translator": lambda run, args, argv: stages.train_translator_stage(run),
+    "distill": lambda run, args, argv: stages.distill(run, args.method),
+    "evaluate": lambda run, args, argv: _evaluate(run, args),
+    "visualize": lambda run, args, argv: _visualize(run, args),
+    "export": lambda run, args, argv: _export(run, args),
+    "all": _all,
+}
+"""What each stage of the command line runs."""
+
+STAGES = tuple(COMMANDS)
+"""The command line's stages."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,31 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = make_run(args)
     try:
         evaluating = args.stage in ("evaluate", "visualize", "export")
-        stages.dataset(run, train=not evaluating)  # fail fast
-        if args.stage == "teacher":
-            stages.train_teacher(run)
-        elif args.stage == "student":
-            stages.train_student(run)
-        elif args.stage == "translator":
-            stages.train_translator_stage(run)
-        elif args.stage == "distill":
-            stages.distill(run, args.method)
-        elif args.stage == "evaluate":
-            for name in args.models or ["teacher", "student", f"distill-{args.method}"]:
-                stages.evaluate(run, name)
-        elif args.stage == "visualize":
-            if run.main:
-                path = stages.visualize(
-                    run, args.models or ["teacher", "student", f"distill-{args.method}"],
-                    pixel=tuple(args.pixel) if args.pixel else None)
-                print(f"figure: {path}")
-        elif args.stage == "export":
-            for name in args.models or [f"distill-{args.method}"]:
-                stages.export(run, name, args.formats)
-        else:
-            command = shlex.join(["python", "-m", "examples.segmentation",
-                                  *(sys.argv[1:] if argv is None else argv)])
-            stages.run_all(run, args.method, command)
+        dataset(run, train=not evaluating)  # fail fast
+        COMMANDS[args.stage](run, args, argv)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -17,10 +17,10 @@ import types
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from examples.segmentation.training import Amp
-
 Dataset = Literal["voc", "cityscapes", "pascal_context", "digits"]
 
+Amp = Literal["none", "bf16", "fp16"]
+"""Automatic mixed precision: off, bfloat16, or float16 with a gradient scaler."""
 
 Teacher = Literal["deeplabv3_resnet50", "digits_os4"]
 """The names of :data:`examples.segmentation.models.TEACHERS`."""

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from examples.segmentation.config import TeacherLayer
+from segdistill import FeatureSpec
 
 
 def _weights(load: Callable[[], Any], what: str) -> Any:
@@ -191,49 +192,48 @@ def digits_os8(num_classes: int = 11, pretrained: bool = False) -> SmallFCN:
 
 @dataclass(frozen=True)
 class Architecture:
-    """A network the pipeline builds, and where its last feature map is.
+    """A network the pipeline builds, and its feature maps for distillation, each declared
+    once as a :class:`~segdistill.FeatureSpec` (layer path, channels, output stride).
 
     Example:
         >>> TEACHERS["deeplabv3_resnet50"].layer("head")
-        ('classifier.3', 256)
+        FeatureSpec(layer='classifier.3', channels=256, stride=8)
         >>> TEACHERS["deeplabv3_resnet50"].layer("backbone")
-        ('backbone.layer4', 2048)
+        FeatureSpec(layer='backbone.layer4', channels=2048, stride=8)
         >>> TEACHERS["digits_os4"].layer("backbone")  # no head: both readings agree
-        ('features', 64)
+        FeatureSpec(layer='features', channels=64, stride=4)
     """
 
     build: Callable[[int, bool], nn.Module]
     """``build(num_classes, pretrained)``."""
-    features: str
-    """Module path of the last feature map before the classifier (the head's output)."""
-    channels: int
-    """Its channels."""
-    backbone: tuple[str, int] | None = None
-    """Module path and channels of the backbone's last feature map, where a head with
-    convolutions of its own follows it (None: the same as ``features``)."""
+    features: FeatureSpec
+    """The last feature map before the classifier (the head's output)."""
+    backbone: FeatureSpec | None = None
+    """The backbone's last feature map, where a head with convolutions of its own follows
+    it (None: the same as ``features``)."""
 
-    def layer(self, reading: TeacherLayer) -> tuple[str, int]:
-        """The module path and channels of the feature map a reading of "the last feature
-        maps" names: ``'head'``, the last before the classifier, or ``'backbone'``, the
-        backbone's last (the pipeline's ``--teacher-layer``)."""
+    def layer(self, reading: TeacherLayer) -> FeatureSpec:
+        """The feature map a reading of "the last feature maps" names: ``'head'``, the
+        last before the classifier, or ``'backbone'``, the backbone's last (the pipeline's
+        ``--teacher-layer``)."""
         if reading not in get_args(TeacherLayer):
             raise ValueError(f"reading must be one of {get_args(TeacherLayer)}, got {reading!r}")
         if reading == "backbone" and self.backbone is not None:
             return self.backbone
-        return self.features, self.channels
+        return self.features
 
 
 TEACHERS = {
     # classifier = DeepLabHead: ASPP, 3x3 conv (256), BN, ReLU (index 3), 1x1 classifier
-    "deeplabv3_resnet50": Architecture(deeplabv3_resnet50, "classifier.3", 256,
-                                       backbone=("backbone.layer4", 2048)),
-    "digits_os4": Architecture(digits_os4, "features", 64),
+    "deeplabv3_resnet50": Architecture(deeplabv3_resnet50, FeatureSpec("classifier.3", 256, 8),
+                                       backbone=FeatureSpec("backbone.layer4", 2048, 8)),
+    "digits_os4": Architecture(digits_os4, FeatureSpec("features", 64, 4)),
 }
 """Teachers by name."""
 STUDENTS = {
-    "mobilenet_v2": Architecture(MobileNetV2Seg, "backbone", 320),
-    "lraspp": Architecture(lraspp, "backbone.16", 960),
-    "digits_os8": Architecture(digits_os8, "features", 48),
+    "mobilenet_v2": Architecture(MobileNetV2Seg, FeatureSpec("backbone", 320, 16)),
+    "lraspp": Architecture(lraspp, FeatureSpec("backbone.16", 960, 16)),
+    "digits_os8": Architecture(digits_os8, FeatureSpec("features", 48, 8)),
 }
 """Students by name."""
 

@@ -82,7 +82,7 @@ def reference_frozen(wrapper: DistillationWrapper,
     Example:
         >>> import tempfile, torch
         >>> teacher, student = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
-        >>> wrapper = DistillationWrapper.kd(teacher, student)
+        >>> wrapper = presets.kd(teacher, student)
         >>> path = Path(tempfile.mkdtemp()) / "teacher.pt"
         >>> torch.save(teacher.state_dict(), path)
         >>> reference_frozen(wrapper, {"teacher": (teacher, path)})

@@ -24,9 +24,9 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,8 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+from examples.segmentation.config import Amp
+from examples.segmentation.models import param_groups
 from segdistill import DistillationWrapper, load_checkpoint, save_checkpoint
 from segdistill.hooks import select_output
 
@@ -46,8 +48,7 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=
 
 __all__ = ["Amp", "KeyedSampler", "TrainConfig", "decode_sample_key", "fit", "progress_bar"]
 
-Amp = Literal["none", "bf16", "fp16"]
-"""Automatic mixed precision: off, bfloat16, or float16 with a gradient scaler."""
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def decode_sample_key(key: int, size: int) -> tuple[int, int]:
@@ -195,6 +196,59 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass
+class _Run:
+    """One call of :func:`fit`: what a step needs and what a checkpoint holds."""
+
+    config: TrainConfig
+    model: nn.Module
+    """The model as given: what the checkpoint saves."""
+    train_model: nn.Module
+    """What the steps run: ``model``, or ``model`` in DistributedDataParallel."""
+    device: torch.device
+    rank: int
+    distributed: bool
+    optimizer: torch.optim.SGD
+    schedule: PolynomialLR
+    scaler: torch.amp.GradScaler
+    loader: StatefulDataLoader
+    sampler: KeyedSampler
+    step: int = 0
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    micro: list[dict[str, float]] = field(default_factory=list)
+    """The values of the batches accumulated so far into the current step."""
+
+
+@dataclass
+class _Report:
+    """Where each step's values go: the log, ``on_step`` and the progress bar."""
+
+    logger: _Logger
+    bar: Any
+    on_step: Callable[[int, dict[str, float]], None] | None
+    log_every: int
+    end: int
+
+    def write(self, row: dict[str, float]) -> None:
+        """Log a step's row (every ``log_every`` steps and the last), pass it to
+        ``on_step`` and advance the bar."""
+        step = int(row["step"])
+        if step % self.log_every == 0 or step == self.end:
+            self.logger.write(row)
+        if self.on_step is not None:
+            self.on_step(step, row)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+
+    def close(self) -> None:
+        """Close the log and the bar."""
+        self.logger.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
 def fit(
     model: nn.Module,
     dataset: Dataset[Any],
@@ -248,27 +302,48 @@ def fit(
     Returns:
         One dictionary per step: ``step``, ``lr``, ``loss``, ``ce`` and each term.
     """
-    if not isinstance(dataset, Sized):
-        raise TypeError("expected a map-style dataset with a length")
     device = torch.device(device)
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
-
+    loader, sampler = make_loader(dataset, config, device, rank, world)
     model.to(device)
-    distilling = isinstance(model, DistillationWrapper)
-    params = list(model.trainable_parameters() if isinstance(model, DistillationWrapper)
-                  else (p for p in model.parameters() if p.requires_grad))
-    from examples.segmentation.models import param_groups  # here: models imports config
+    optimizer, schedule, scaler = make_optimizer(model, config, device)
+    run = _Run(config, model, model, device, rank, distributed, optimizer, schedule,
+               scaler, loader, sampler)
+    if rank == 0 and config.checkpoint_path:
+        remove_stale_temporaries(config.checkpoint_path)
+    if resume and config.checkpoint_path and os.path.exists(config.checkpoint_path):
+        restore(run, config.checkpoint_path)
+    if distributed:
+        run.train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    trainable = {id(p) for p in params}
-    groups = [{**g, "params": [p for p in g["params"] if id(p) in trainable]}
-              for g in param_groups(model, config.weight_decay, config.no_decay_norm_bias)]
-    optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=config.lr,
-                                momentum=config.momentum, weight_decay=config.weight_decay)
-    schedule = PolynomialLR(optimizer, total_iters=config.steps, power=config.poly_power)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+    report = _Report(_Logger(config.log_path, rank == 0, run.step),
+                     progress_bar(config.progress and rank == 0, end, run.step),
+                     on_step, config.log_every, end)
+    run.train_model.train()
+    try:
+        while run.step < end:
+            if train_one_epoch(run, report):  # the epoch ran out: the next starts afresh
+                run.epoch += 1
+        save(run)
+    finally:
+        report.close()
+    return run.history
 
+
+def make_loader(dataset: Dataset[Any], config: TrainConfig, device: torch.device, rank: int,
+                world: int) -> tuple[StatefulDataLoader, KeyedSampler]:
+    """The resumable loader of rank ``rank``'s shard of ``dataset`` and its sampler.
+
+    Raises:
+        TypeError: ``dataset`` has no length.
+        ValueError: a rank's shard holds no full batch.
+    """
+    if not isinstance(dataset, Sized):
+        raise TypeError("expected a map-style dataset with a length")
     size = len(dataset)
     if not getattr(dataset, "uses_sample_keys", False):
         dataset = _ByKey(dataset, size)
@@ -280,95 +355,125 @@ def fit(
     if size // world < config.batch_size:
         raise ValueError(f"a dataset of {size} samples gives no full batch of "
                          f"{config.batch_size} on each of {world} ranks")
+    return loader, sampler
 
-    history: list[dict[str, float]] = []
-    step = epoch = 0
-    if rank == 0 and config.checkpoint_path:
-        remove_stale_temporaries(config.checkpoint_path)
-    if resume and config.checkpoint_path and os.path.exists(config.checkpoint_path):
-        state = read_checkpoint(config.checkpoint_path, device)
-        if int(state["step"]) > config.steps:
-            raise ValueError(
-                f"the checkpoint {config.checkpoint_path} is at step {int(state['step'])}, "
-                f"past the {config.steps} steps asked for: its schedule was for more steps; "
-                "ask for at least as many, or start afresh without --resume")
-        if int(state["step"]) == config.steps and rank == 0:
-            print(f"{config.checkpoint_path}: already at step {config.steps} of "
-                  f"{config.steps}; nothing left to train")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
-        loader.load_state_dict(state["loader"])
-        _set_rng_state(state["rng"])
-        step, epoch, history = int(state["step"]), int(state["epoch"]), list(state["history"])
-    train_model: nn.Module = model
-    if distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    logger = _Logger(config.log_path, rank == 0, step)
-    end = config.steps if stop_after is None else min(config.steps, stop_after)
-    bar = progress_bar(config.progress and rank == 0, end, step)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
-    micro: list[dict[str, float]] = []  # the accumulated batches of the current step
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device,
+                   ) -> tuple[torch.optim.SGD, PolynomialLR, torch.amp.GradScaler]:
+    """SGD over the trainable parameters (a wrapper's: the student's and the adapters'),
+    its poly schedule, and the gradient scaler (active under ``amp='fp16'`` only)."""
+    params = (model.trainable_parameters() if isinstance(model, DistillationWrapper)
+              else (p for p in model.parameters() if p.requires_grad))
+    trainable = {id(p) for p in params}
+    groups = [{**g, "params": [p for p in g["params"] if id(p) in trainable]}
+              for g in param_groups(model, config.weight_decay, config.no_decay_norm_bias)]
+    optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=config.lr,
+                                momentum=config.momentum, weight_decay=config.weight_decay)
+    schedule = PolynomialLR(optimizer, total_iters=config.steps, power=config.poly_power)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    return optimizer, schedule, scaler
 
-    def save() -> None:
-        if rank == 0 and config.checkpoint_path:
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-                             "loader": loader.state_dict(), "rng": _rng_state(),
-                             "step": step, "epoch": epoch, "history": history},
-                            config.checkpoint_path)
 
-    train_model.train()
-    try:
-        while step < end:
-            sampler.set_epoch(epoch)
-            for images, labels in loader:
-                lr = float(schedule.get_last_lr()[0])
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                last = len(micro) + 1 == config.accumulate
-                sync = (contextlib.nullcontext() if last or not distributed
-                        else train_model.no_sync())  # type: ignore[operator]
-                with sync:
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                        enabled=amp_dtype is not None):
-                        part, loss = _step_loss(train_model, distilling, images, labels,
-                                                config.ignore_index)
-                    scaler.scale(loss / config.accumulate).backward()  # type: ignore[no-untyped-call]
-                micro.append(part)
-                if not last:
-                    continue
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                schedule.step()
-                step += 1
-                row = {"step": step, "lr": lr,
-                       **{k: sum(m[k] for m in micro) / len(micro) for k in micro[0]}}
-                micro = []
-                history.append(row)
-                if step % config.log_every == 0 or step == end:
-                    logger.write(row)
-                if on_step is not None:
-                    on_step(step, row)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
-                    save()
-                if step >= end:
-                    break
-            else:  # the epoch ran out: the next one starts from its beginning
-                epoch += 1
-        save()
-    finally:
-        logger.close()
-        if bar is not None:
-            bar.close()
-    return history
+def restore(run: _Run, path: str) -> None:
+    """Continue ``run`` from the checkpoint at ``path``: the model, the optimiser, the
+    schedule, the scaler, the loader, the random state, the step, the epoch, the history.
+
+    Raises:
+        RuntimeError: the checkpoint cannot be read.
+        ValueError: the checkpoint is past ``run.config.steps``.
+    """
+    state = read_checkpoint(path, run.device)
+    steps, step = run.config.steps, int(state["step"])
+    if step > steps:
+        raise ValueError(
+            f"the checkpoint {path} is at step {step}, past the {steps} steps asked for: "
+            "its schedule was for more steps; ask for at least as many, or start afresh "
+            "without --resume")
+    if step == steps and run.rank == 0:
+        print(f"{path}: already at step {steps} of {steps}; nothing left to train")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.schedule.load_state_dict(state["schedule"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.loader.load_state_dict(state["loader"])
+    _set_rng_state(state["rng"])
+    run.step, run.epoch, run.history = step, int(state["epoch"]), list(state["history"])
+
+
+def save(run: _Run) -> None:
+    """Write ``run``'s checkpoint, atomically, on rank 0 when the config names a path."""
+    if run.rank == 0 and run.config.checkpoint_path:
+        save_checkpoint({"model": run.model.state_dict(),
+                         "optimizer": run.optimizer.state_dict(),
+                         "schedule": run.schedule.state_dict(),
+                         "scaler": run.scaler.state_dict(),
+                         "loader": run.loader.state_dict(), "rng": _rng_state(),
+                         "step": run.step, "epoch": run.epoch, "history": run.history},
+                        run.config.checkpoint_path)
+
+
+def train_one_epoch(run: _Run, report: _Report) -> bool:
+    """Train on the batches left in ``run.epoch`` until ``report.end`` steps.
+
+    Returns:
+        Whether the epoch ran out (rather than the run reaching its end).
+    """
+    run.sampler.set_epoch(run.epoch)
+    every = run.config.checkpoint_every
+    for images, labels in run.loader:
+        lr = float(run.schedule.get_last_lr()[0])
+        run.micro.append(train_one_batch(run, images, labels))
+        if len(run.micro) < run.config.accumulate:
+            continue
+        row = optimizer_step(run, lr)
+        report.write(row)
+        if every and run.step % every == 0:
+            save(run)
+        if run.step >= report.end:
+            return False
+    return True
+
+
+def train_one_batch(run: _Run, images: Tensor, labels: Tensor) -> dict[str, float]:
+    """The forward and backward pass of one batch, its loss divided by
+    ``config.accumulate``; DDP synchronises the gradients on a step's last batch only.
+
+    Returns:
+        The batch's loss, cross-entropy and terms.
+    """
+    images = images.to(run.device, non_blocking=True)
+    labels = labels.to(run.device, non_blocking=True)
+    last = len(run.micro) + 1 == run.config.accumulate
+    sync = (contextlib.nullcontext() if last or not run.distributed
+            else run.train_model.no_sync())  # type: ignore[operator]
+    amp_dtype = _AMP_DTYPES.get(run.config.amp)
+    with sync:
+        with torch.autocast(run.device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            part, loss = _step_loss(run.train_model, isinstance(run.model, DistillationWrapper),
+                                    images, labels, run.config.ignore_index)
+        run.scaler.scale(loss / run.config.accumulate).backward()  # type: ignore[no-untyped-call]
+    return part
+
+
+def optimizer_step(run: _Run, lr: float) -> dict[str, float]:
+    """Step the optimiser (through the scaler) and the schedule on the accumulated
+    gradients; record the step.
+
+    Returns:
+        The step's row of the history: ``step``, ``lr``, and the mean over the
+        accumulated batches of the loss, the cross-entropy and each term.
+    """
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.schedule.step()
+    run.step += 1
+    micro, run.micro = run.micro, []
+    row = {"step": run.step, "lr": lr,
+           **{k: sum(m[k] for m in micro) / len(micro) for k in micro[0]}}
+    run.history.append(row)
+    return row
 
 
 def remove_stale_temporaries(checkpoint: str | os.PathLike[str]) -> list[Path]:

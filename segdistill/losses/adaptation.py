@@ -7,15 +7,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from segdistill._checks import (
-    check_choice,
-    check_feature_pair,
-    check_real,
-)
+from segdistill._checks import check_choice, check_feature_pair, check_real
 from segdistill._features import (
-    RESIZE_MODES,
     Resize,
     align_grids,
+    check_resize,
     full_precision,
     normalize_channels,
 )
@@ -33,9 +29,24 @@ def _check_options(
     check_real("p", p, minimum=1.0, allow_inf=True)
     check_real("q", q, minimum=1.0, allow_inf=True)
     check_choice("normalize", normalize, NORMALIZE_MODES)
-    check_choice("resize", resize, RESIZE_MODES)
+    check_resize(resize)
     check_real("eps", eps, minimum=0.0, strict=True)
     check_reduction(reduction)
+
+
+def _adaptation(student: Tensor, teacher: Tensor, p: float, q: float, normalize: Normalize,
+                resize: Resize, eps: float, reduction: Reduction) -> Tensor:
+    """:func:`adaptation_loss` with its options already validated."""
+    check_feature_pair(student, teacher,
+                       same_channels=" (an Adapter maps the student's onto the teacher's)")
+    student, teacher = align_grids(student, teacher, resize)
+    ctx, (x_s, x_t) = full_precision(student, teacher)
+    with ctx:
+        if normalize == "sample":  # one vector per image instead of one per position
+            x_s, x_t = x_s.flatten(1), x_t.flatten(1)
+        diff = normalize_channels(x_t, 1, q, eps) - normalize_channels(x_s, 1, q, eps)
+        terms = torch.linalg.vector_norm(diff, ord=p, dim=1)
+        return reduce_loss(terms, reduction)
 
 
 def adaptation_loss(
@@ -110,27 +121,16 @@ def adaptation_loss(
         >>> round(adaptation_loss(3.0 * teacher, teacher).item(), 6)  # scale-invariant
         0.0
     """
-    check_feature_pair(student, teacher,
-                       same_channels=" (an Adapter maps the student's onto the teacher's)")
     _check_options(p, q, normalize, resize, eps, reduction)
-    student, teacher = align_grids(student, teacher, resize)
-
-    ctx, (x_s, x_t) = full_precision(student, teacher)
-    with ctx:
-        if normalize == "sample":
-            x_s, x_t, dim = x_s.flatten(1), x_t.flatten(1), 1
-        else:
-            dim = 1
-        diff = normalize_channels(x_t, dim, q, eps) - normalize_channels(x_s, dim, q, eps)
-        terms = torch.linalg.vector_norm(diff, ord=p, dim=dim)
-        return reduce_loss(terms, reduction)
+    return _adaptation(student, teacher, p, q, normalize, resize, eps, reduction)
 
 
 class AdaptationLoss(nn.Module):
     r"""Knowledge adaptation loss of He et al. (CVPR 2019), eq. (2), as a module.
 
-    Stores the options of :func:`adaptation_loss` and calls it in ``forward``;
-    see that function for the formula and the arguments.
+    Stores the options of :func:`adaptation_loss`, validated once here, and
+    computes it in ``forward``; see that function for the formula and the
+    arguments.
 
     Args:
         p: order of the norm of the difference (default 1).
@@ -174,16 +174,8 @@ class AdaptationLoss(nn.Module):
         self.reduction: Reduction = reduction
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        return adaptation_loss(
-            student,
-            teacher,
-            p=self.p,
-            q=self.q,
-            normalize=self.normalize,
-            resize=self.resize,
-            eps=self.eps,
-            reduction=self.reduction,
-        )
+        return _adaptation(student, teacher, self.p, self.q, self.normalize, self.resize,
+                           self.eps, self.reduction)
 
     def extra_repr(self) -> str:
         return (

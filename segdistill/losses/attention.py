@@ -5,16 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from segdistill._checks import (
-    check_choice,
-    check_feature_map,
-    check_feature_pair,
-    check_real,
-)
+from segdistill._checks import check_feature_map, check_feature_pair, check_real
 from segdistill._features import (
-    RESIZE_MODES,
     Resize,
     align_grids,
+    check_resize,
     full_precision,
     normalize_channels,
 )
@@ -82,9 +77,20 @@ def attention_map(features: Tensor, p: float = 2.0, eps: float = 1e-8) -> Tensor
 
 def _check_options(p: float, resize: str, eps: float, reduction: str) -> None:
     check_real("p", p, minimum=1.0)
-    check_choice("resize", resize, RESIZE_MODES)
+    check_resize(resize)
     check_real("eps", eps, minimum=0.0, strict=True)
     check_reduction(reduction)
+
+
+def _attention_transfer(student: Tensor, teacher: Tensor, p: float, resize: Resize, eps: float,
+                        reduction: Reduction) -> Tensor:
+    """:func:`attention_transfer_loss` with its options already validated."""
+    check_feature_pair(student, teacher)
+    student, teacher = align_grids(student, teacher, resize)
+    ctx, (s, t) = full_precision(student, teacher)
+    with ctx:
+        per_image = (_attention_map(s, p, eps) - _attention_map(t, p, eps)).square().mean(1)
+        return reduce_loss(per_image, reduction)
 
 
 def attention_transfer_loss(
@@ -114,7 +120,7 @@ def attention_transfer_loss(
     paper's :math:`\lVert\cdot\rVert_2` (not squared) and its sum over
     positions are not what that code computes. Their weight
     :math:`\beta = 1000` goes on the term (see
-    :meth:`~segdistill.DistillationWrapper.attention_transfer`). The channel
+    :func:`segdistill.presets.attention_transfer`). The channel
     counts may differ; the loss is invariant to a positive scale of either map.
 
     Args:
@@ -149,20 +155,16 @@ def attention_transfer_loss(
         >>> attention_transfer_loss(5.0 * t, t).item() < 1e-12
         True
     """
-    check_feature_pair(student, teacher)
     _check_options(p, resize, eps, reduction)
-    student, teacher = align_grids(student, teacher, resize)
-    ctx, (s, t) = full_precision(student, teacher)
-    with ctx:
-        per_image = (_attention_map(s, p, eps) - _attention_map(t, p, eps)).square().mean(1)
-        return reduce_loss(per_image, reduction)
+    return _attention_transfer(student, teacher, p, resize, eps, reduction)
 
 
 class AttentionTransferLoss(nn.Module):
     r"""Attention transfer (Zagoruyko and Komodakis, ICLR 2017), as a module.
 
-    Stores the options of :func:`attention_transfer_loss` and calls it in
-    ``forward``; see that function for the formula and the arguments.
+    Stores the options of :func:`attention_transfer_loss`, validated once here,
+    and computes it in ``forward``; see that function for the formula and the
+    arguments.
 
     Args:
         p: the power in the attention map (default 2).
@@ -194,8 +196,8 @@ class AttentionTransferLoss(nn.Module):
         self.reduction: Reduction = reduction
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        return attention_transfer_loss(student, teacher, p=self.p, resize=self.resize,
-                                       eps=self.eps, reduction=self.reduction)
+        return _attention_transfer(student, teacher, self.p, self.resize, self.eps,
+                                   self.reduction)
 
     def extra_repr(self) -> str:
         return (f"p={self.p}, resize={self.resize!r}, eps={self.eps}, "

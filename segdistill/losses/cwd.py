@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from segdistill._checks import (
-    check_choice,
-    check_feature_pair,
-    check_real,
-)
-from segdistill._features import RESIZE_MODES, Resize, align_grids, full_precision
+from segdistill._checks import check_feature_pair, check_real
+from segdistill._features import Resize, align_grids, check_resize, full_precision
 from segdistill._reduction import Reduction, check_reduction, reduce_loss
 from segdistill.losses._kl import softened_kl
 
@@ -18,8 +14,19 @@ __all__ = ["CWDLoss", "cwd_loss"]
 
 def _check_options(temperature: float, resize: str, reduction: str) -> None:
     check_real("temperature", temperature, minimum=0.0, strict=True)
-    check_choice("resize", resize, RESIZE_MODES)
+    check_resize(resize)
     check_reduction(reduction)
+
+
+def _cwd(student: Tensor, teacher: Tensor, temperature: float, resize: Resize,
+         reduction: Reduction) -> Tensor:
+    """:func:`cwd_loss` with its options already validated."""
+    check_feature_pair(student, teacher, same_channels="")
+    student, teacher = align_grids(student, teacher, resize)
+    ctx, (s, t) = full_precision(student, teacher)
+    with ctx:
+        kl = softened_kl(s.flatten(2), t.flatten(2), temperature, dim=-1)  # (B, C)
+        return reduce_loss(kl.mean(1), reduction)
 
 
 def cwd_loss(
@@ -82,20 +89,15 @@ def cwd_loss(
         >>> abs(cwd_loss(t + 3.0, t).item()) < 1e-6  # a per-channel shift changes nothing
         True
     """
-    check_feature_pair(student, teacher, same_channels="")
     _check_options(temperature, resize, reduction)
-    student, teacher = align_grids(student, teacher, resize)
-    ctx, (s, t) = full_precision(student, teacher)
-    with ctx:
-        kl = softened_kl(s.flatten(2), t.flatten(2), temperature, dim=-1)  # (B, C)
-        return reduce_loss(kl.mean(1), reduction)
+    return _cwd(student, teacher, temperature, resize, reduction)
 
 
 class CWDLoss(nn.Module):
     r"""Channel-wise distillation (Shu et al., ICCV 2021), as a module.
 
-    Stores the options of :func:`cwd_loss` and calls it in ``forward``; see
-    that function for the formula and the arguments.
+    Stores the options of :func:`cwd_loss`, validated once here, and computes it
+    in ``forward``; see that function for the formula and the arguments.
 
     Args:
         temperature: :math:`T > 0` (default 4).
@@ -125,8 +127,7 @@ class CWDLoss(nn.Module):
         self.reduction: Reduction = reduction
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        return cwd_loss(student, teacher, temperature=self.temperature, resize=self.resize,
-                        reduction=self.reduction)
+        return _cwd(student, teacher, self.temperature, self.resize, self.reduction)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, resize={self.resize!r}, "

@@ -9,19 +9,33 @@ from segdistill._checks import (
     check_feature_pair,
     check_positive_int,
 )
-from segdistill._features import align_grids, full_precision
+from segdistill._features import Resize, align_grids, check_resize, full_precision
 from segdistill._reduction import Reduction, check_reduction, nan_where_nonfinite, reduce_loss
 
 __all__ = ["FitNetLoss", "fitnet_loss"]
 
+_SAME_CHANNELS = ("; FitNetLoss(student_channels, teacher_channels) adds the 1x1 regressor "
+                  "that maps one onto the other")
 
-def fitnet_loss(student: Tensor, teacher: Tensor, *, reduction: Reduction = "mean") -> Tensor:
+
+def _fitnet(student: Tensor, teacher: Tensor, resize: Resize, reduction: Reduction) -> Tensor:
+    """:func:`fitnet_loss` with its options already validated."""
+    check_feature_pair(student, teacher, same_channels=_SAME_CHANNELS)
+    ctx, (s, t) = full_precision(student, teacher)
+    with ctx:
+        s, t = align_grids(s, t, resize)
+        return reduce_loss(nan_where_nonfinite((s - t).square(), s, t), reduction)
+
+
+def fitnet_loss(student: Tensor, teacher: Tensor, *, resize: Resize = "teacher",
+                reduction: Reduction = "mean") -> Tensor:
     r"""FitNet hint loss of Romero et al. (ICLR 2015), for dense features.
 
     The student's (regressed) features are bilinearly resized
-    (``align_corners=False``) to the teacher's H x W, as in the FitNet baseline
-    of He et al. (CVPR 2019, Table 3), and matched with a squared L2 distance
-    averaged over elements (a mean squared error):
+    (``align_corners=False``) to the teacher's H x W (the default
+    ``resize='teacher'``), as in the FitNet baseline of He et al. (CVPR 2019,
+    Table 3), and matched with a squared L2 distance averaged over elements (a
+    mean squared error):
 
     .. math::
 
@@ -34,7 +48,10 @@ def fitnet_loss(student: Tensor, teacher: Tensor, *, reduction: Reduction = "mea
     Args:
         student: the student's features after the regressor.
         teacher: the teacher's features.
-        reduction: ``'none'`` (per element, on the teacher's grid) | ``'mean'`` | ``'sum'``.
+        resize: the grid the loss computes on: ``'teacher'`` (default),
+            ``'student'``, or ``'none'`` (equal grids up to one cell of stride
+            rounding, else ``ValueError``).
+        reduction: ``'none'`` (per element, on the common grid) | ``'mean'`` | ``'sum'``.
 
     Shape:
         - student: :math:`(B, C, h, w)`.
@@ -58,14 +75,9 @@ def fitnet_loss(student: Tensor, teacher: Tensor, *, reduction: Reduction = "mea
         >>> fitnet_loss(teacher, teacher, reduction="sum").item()
         0.0
     """
-    check_feature_pair(student, teacher, same_channels=(
-        "; FitNetLoss(student_channels, teacher_channels) adds the 1x1 regressor that maps "
-        "one onto the other"))
+    check_resize(resize)
     check_reduction(reduction)
-    ctx, (s, t) = full_precision(student, teacher)
-    with ctx:
-        s, t = align_grids(s, t, "teacher")  # FitNet's definition: onto the teacher's grid
-        return reduce_loss(nan_where_nonfinite((s - t).square(), s, t), reduction)
+    return _fitnet(student, teacher, resize, reduction)
 
 
 class FitNetLoss(nn.Module):
@@ -85,6 +97,7 @@ class FitNetLoss(nn.Module):
     Args:
         student_channels: :math:`C_s`.
         teacher_channels: :math:`C_t`.
+        resize: ``'teacher'`` (default), ``'student'`` or ``'none'``.
         reduction: ``'none'`` | ``'mean'`` | ``'sum'`` over the elements.
 
     Shape:
@@ -102,7 +115,7 @@ class FitNetLoss(nn.Module):
         >>> criterion = FitNetLoss(48, 64)
         >>> criterion
         FitNetLoss(
-          student_channels=48, teacher_channels=64, reduction='mean'
+          student_channels=48, teacher_channels=64, resize='teacher', reduction='mean'
           (regressor): Conv2d(48, 64, kernel_size=(1, 1), stride=(1, 1), bias=False)
         )
         >>> round(criterion(torch.randn(2, 48, 4, 4), torch.randn(2, 64, 8, 8)).item(), 4)
@@ -110,11 +123,13 @@ class FitNetLoss(nn.Module):
     """
 
     def __init__(self, student_channels: int, teacher_channels: int,
-                 reduction: Reduction = "mean") -> None:
+                 resize: Resize = "teacher", reduction: Reduction = "mean") -> None:
         super().__init__()
         self.student_channels = check_positive_int("student_channels", student_channels)
         self.teacher_channels = check_positive_int("teacher_channels", teacher_channels)
+        check_resize(resize)
         check_reduction(reduction)
+        self.resize: Resize = resize
         self.reduction: Reduction = reduction
         self.regressor: nn.Module = (
             nn.Identity() if student_channels == teacher_channels
@@ -126,8 +141,9 @@ class FitNetLoss(nn.Module):
         if dims["C"] != self.student_channels:
             raise ValueError(f"expected student features with {self.student_channels} channels, "
                              f"got {dims['C']}")
-        return fitnet_loss(self.regressor(student), teacher, reduction=self.reduction)
+        return _fitnet(self.regressor(student), teacher, self.resize, self.reduction)
 
     def extra_repr(self) -> str:
         return (f"student_channels={self.student_channels}, "
-                f"teacher_channels={self.teacher_channels}, reduction={self.reduction!r}")
+                f"teacher_channels={self.teacher_channels}, resize={self.resize!r}, "
+                f"reduction={self.reduction!r}")

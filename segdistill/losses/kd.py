@@ -3,49 +3,44 @@ r"""Pixel-wise knowledge distillation on logits (Hinton et al., 2015)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segdistill._checks import (
-    check_feature_pair,
-    check_real,
-    check_same_batch,
-    check_same_device,
-)
-from segdistill._features import align_grids, full_precision
+from segdistill._checks import check_feature_pair, check_real
+from segdistill._features import Resize, align_grids, check_resize, full_precision
+from segdistill._labels import check_ignore_index, counted_pixels
 from segdistill._reduction import Reduction, check_reduction, nan_where_nonfinite, reduce_loss
 from segdistill.losses._kl import softened_kl
 
 __all__ = ["KDLoss", "kd_loss"]
 
 
-def _check_options(temperature: float, ignore_index: int | None, reduction: str) -> None:
+def _check_options(temperature: float, ignore_index: int | None, resize: str,
+                   reduction: str) -> None:
     check_real("temperature", temperature, minimum=0.0, strict=True)
-    if ignore_index is not None and (isinstance(ignore_index, bool)
-                                     or not isinstance(ignore_index, int)):
-        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index)
+    check_resize(resize)
     check_reduction(reduction)
 
 
-def _check_target(target: object, logits: Tensor) -> None:
-    """Labels must be a (B, H_l, W_l) integer tensor beside the logits; any grid."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"expected target to be a torch.Tensor, got {type(target).__name__}")
-    if target.ndim != 3:
-        raise ValueError(f"expected target of shape (B, H, W), got a {target.ndim}-D tensor of "
-                         f"shape {tuple(target.shape)}")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"expected target to hold integer labels, got {target.dtype}")
-    check_same_device(logits, target, ("logits", "target"))
-    check_same_batch(logits, target, ("logits", "target"))
-
-
-def _valid_mask(target: Tensor, size: tuple[int, int], ignore_index: int) -> Tensor:
-    """True where the label, nearest-resized onto ``size``, is not ``ignore_index``."""
-    valid = target != ignore_index
-    if tuple(valid.shape[-2:]) != size:
-        valid = F.interpolate(valid[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
-    return valid
+def _kd(student: Tensor, teacher: Tensor, target: Tensor | None, temperature: float,
+        ignore_index: int | None, resize: Resize, reduction: Reduction,
+        validate_args: bool) -> Tensor:
+    """:func:`kd_loss` with its options already validated."""
+    check_feature_pair(student, teacher, ("student logits", "teacher logits"),
+                       same_channels=" (one per class)")
+    ctx, (s, t) = full_precision(student, teacher)
+    with ctx:
+        s, t = align_grids(s, t, resize)
+        valid = counted_pixels(target, t, ignore_index, validate_args)
+        kl = softened_kl(s, t, temperature, dim=1)
+        if valid is None:
+            return reduce_loss(kl, reduction)
+        # the mask must not hide a NaN or +inf logit (at an ignored pixel, say)
+        kl = nan_where_nonfinite(torch.where(valid, kl, torch.zeros_like(kl)), s, t,
+                                 allow_neg_inf=True)
+        if reduction == "mean":
+            return kl.sum() / valid.sum().clamp_min(1)
+        return reduce_loss(kl, reduction)
 
 
 def kd_loss(
@@ -55,7 +50,9 @@ def kd_loss(
     *,
     temperature: float = 4.0,
     ignore_index: int | None = 255,
+    resize: Resize = "teacher",
     reduction: Reduction = "mean",
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Pixel-wise knowledge distillation of Hinton et al. (2015), on segmentation logits.
 
@@ -69,26 +66,33 @@ def kd_loss(
             \mathrm{KL}\big(\sigma(z^t_p / T) \,\big\|\, \sigma(z^s_p / T)\big)
 
     with :math:`\sigma` the softmax over classes and :math:`P` the pixels of
-    the teacher's logit grid whose label is not ``ignore_index`` (every pixel
-    without labels). As in the KD baseline of He et al. (CVPR 2019, Table 3),
-    student logits on another grid are bilinearly resized (``align_corners=False``)
-    to the teacher's logit size first: that resize is part of this loss's
-    definition, not a silent fix. At :math:`T = 1` this is the plain KL
-    divergence of the class distributions, averaged over pixels.
+    the logit grid whose label is not ``ignore_index`` (every pixel without
+    labels). As in the KD baseline of He et al. (CVPR 2019, Table 3), student
+    logits on another grid are bilinearly resized (``align_corners=False``)
+    to the teacher's logit size first (the default ``resize='teacher'``).
+    At :math:`T = 1` this is the plain KL divergence of the class
+    distributions, averaged over pixels.
+
+    Labels follow the library's one rule (:mod:`segdistill._labels`): integer
+    ``(B, H_l, W_l)`` on any grid, nearest-resized onto the grid the loss
+    computes on; every value in ``[0, K)`` or ``ignore_index``.
 
     Args:
         student: the student's logits.
         teacher: the teacher's logits, with the same classes.
-        target: optional labels; pixels labelled ``ignore_index`` are left
-            out. Labels on another grid than the teacher's logits are resized
-            onto it by nearest neighbour (``F.interpolate(mode='nearest')``)
-            before the ignore mask is taken.
+        target: optional labels; pixels labelled ``ignore_index`` are left out.
         temperature: :math:`T > 0` (default 4, the middle of the values
             :math:`T \in \{2, 4, 6\}` that KD baselines for segmentation use).
         ignore_index: the label to leave out, or ``None`` to count every pixel
             (the target is still validated).
+        resize: the grid the loss computes on: ``'teacher'`` (default, the
+            student's logits resized onto the teacher's), ``'student'`` (the
+            teacher's onto the student's), or ``'none'`` (equal grids up to
+            one cell of stride rounding, else ``ValueError``).
         reduction: ``'none'`` (a (B, H, W) map, zero at ignored pixels),
             ``'mean'`` over the counted pixels, or ``'sum'``.
+        validate_args: check that every label is in ``[0, K)`` or
+            ``ignore_index`` (one host sync per call); ``False`` skips it.
 
     Shape:
         - student: :math:`(B, K, h, w)`.
@@ -103,8 +107,9 @@ def kd_loss(
         TypeError: non-floating logits, a target that is not a tensor of
             integer labels, a non-integer ``ignore_index``.
         ValueError: shapes that are not 4-D (logits) or 3-D (labels), batch or
-            class counts that differ, inputs on different devices, a
-            non-positive temperature, an unknown reduction.
+            class counts that differ, inputs on different devices, labels
+            outside ``[0, K)`` that are not ``ignore_index``, a non-positive
+            temperature, an unknown option.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -120,41 +125,24 @@ def kd_loss(
         >>> kd_loss(teacher, teacher).item()
         0.0
     """
-    check_feature_pair(student, teacher, ("student logits", "teacher logits"),
-                       same_channels=" (one per class)")
-    _check_options(temperature, ignore_index, reduction)
-    size = (teacher.shape[-2], teacher.shape[-1])
-    valid = None
-    if target is not None:
-        _check_target(target, teacher)
-        if ignore_index is not None:
-            valid = _valid_mask(target, size, ignore_index)
-
-    ctx, (s, t) = full_precision(student, teacher)
-    with ctx:
-        s, t = align_grids(s, t, "teacher")  # KD's definition: onto the teacher's grid
-        kl = softened_kl(s, t, temperature, dim=1)
-        if valid is None:
-            return reduce_loss(kl, reduction)
-        # the mask must not hide a NaN or +inf logit (at an ignored pixel, say)
-        kl = nan_where_nonfinite(torch.where(valid, kl, torch.zeros_like(kl)), s, t,
-                                 allow_neg_inf=True)
-        if reduction == "mean":
-            return kl.sum() / valid.sum().clamp_min(1)
-        return reduce_loss(kl, reduction)
+    _check_options(temperature, ignore_index, resize, reduction)
+    return _kd(student, teacher, target, temperature, ignore_index, resize, reduction,
+               validate_args)
 
 
 class KDLoss(nn.Module):
     r"""Pixel-wise knowledge distillation (Hinton et al., 2015), as a module.
 
-    Stores the options of :func:`kd_loss` and calls it in ``forward``; see that
-    function for the formula and the arguments.
+    Stores the options of :func:`kd_loss`, validated once here, and computes
+    it in ``forward``; see that function for the formula and the arguments.
 
     Args:
         temperature: :math:`T > 0` (default 4).
         ignore_index: label left out when a target is given (default 255), or
             ``None``.
+        resize: ``'teacher'`` (default), ``'student'`` or ``'none'``.
         reduction: ``'none'`` | ``'mean'`` | ``'sum'`` over pixels.
+        validate_args: check the label values on every call (one host sync).
 
     Shape:
         - student: :math:`(B, K, h, w)` logits.
@@ -166,23 +154,26 @@ class KDLoss(nn.Module):
         >>> _ = torch.manual_seed(0)
         >>> criterion = KDLoss(temperature=2.0)
         >>> criterion
-        KDLoss(temperature=2.0, ignore_index=255, reduction='mean')
+        KDLoss(temperature=2.0, ignore_index=255, resize='teacher', reduction='mean')
         >>> round(criterion(torch.randn(2, 5, 4, 4), torch.randn(2, 5, 8, 8)).item(), 4)
         0.601
     """
 
     def __init__(self, temperature: float = 4.0, ignore_index: int | None = 255,
-                 reduction: Reduction = "mean") -> None:
+                 resize: Resize = "teacher", reduction: Reduction = "mean",
+                 validate_args: bool = True) -> None:
         super().__init__()
-        _check_options(temperature, ignore_index, reduction)
+        _check_options(temperature, ignore_index, resize, reduction)
         self.temperature = float(temperature)
         self.ignore_index = ignore_index
+        self.resize: Resize = resize
         self.reduction: Reduction = reduction
+        self.validate_args = bool(validate_args)
 
     def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
-        return kd_loss(student, teacher, target, temperature=self.temperature,
-                       ignore_index=self.ignore_index, reduction=self.reduction)
+        return _kd(student, teacher, target, self.temperature, self.ignore_index, self.resize,
+                   self.reduction, self.validate_args)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}")
+                f"resize={self.resize!r}, reduction={self.reduction!r}")

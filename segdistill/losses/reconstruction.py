@@ -11,6 +11,27 @@ from segdistill._reduction import Reduction, check_reduction, nan_where_nonfinit
 __all__ = ["ReconstructionLoss", "reconstruction_loss"]
 
 
+def _reconstruction(target: Tensor, reconstruction: Tensor, latent: Tensor, alpha: float,
+                    reduction: Reduction) -> Tensor:
+    """:func:`reconstruction_loss` with its options already validated."""
+    check_feature_map(target, "target")
+    check_feature_map(reconstruction, "reconstruction")
+    check_feature_map(latent, "latent")
+    check_same_device(target, reconstruction, ("target", "reconstruction"))
+    check_same_device(target, latent, ("target", "latent"))
+    if target.shape != reconstruction.shape:
+        raise ValueError(
+            "expected target and reconstruction of the same shape, got "
+            f"{tuple(target.shape)} and {tuple(reconstruction.shape)}"
+        )
+    check_same_batch(target, latent, ("target", "latent"))
+    ctx, (x, y, z) = full_precision(target, reconstruction, latent)
+    with ctx:
+        error = (x - y).square().flatten(1).mean(1)
+        sparsity = z.abs().flatten(1).mean(1)
+        return reduce_loss(nan_where_nonfinite(error + alpha * sparsity, x, y, z), reduction)
+
+
 def reconstruction_loss(
     target: Tensor,
     reconstruction: Tensor,
@@ -63,32 +84,17 @@ def reconstruction_loss(
         >>> round(reconstruction_loss(target, torch.zeros_like(target), latent).item(), 4)
         0.8747
     """
-    check_feature_map(target, "target")
-    check_feature_map(reconstruction, "reconstruction")
-    check_feature_map(latent, "latent")
-    check_same_device(target, reconstruction, ("target", "reconstruction"))
-    check_same_device(target, latent, ("target", "latent"))
-    if target.shape != reconstruction.shape:
-        raise ValueError(
-            "expected target and reconstruction of the same shape, got "
-            f"{tuple(target.shape)} and {tuple(reconstruction.shape)}"
-        )
-    check_same_batch(target, latent, ("target", "latent"))
     alpha = check_real("alpha", alpha, minimum=0.0)
     check_reduction(reduction)
-
-    ctx, (x, y, z) = full_precision(target, reconstruction, latent)
-    with ctx:
-        error = (x - y).square().flatten(1).mean(1)
-        sparsity = z.abs().flatten(1).mean(1)
-        return reduce_loss(nan_where_nonfinite(error + alpha * sparsity, x, y, z), reduction)
+    return _reconstruction(target, reconstruction, latent, alpha, reduction)
 
 
 class ReconstructionLoss(nn.Module):
     r"""Autoencoder loss of the knowledge translator (eq. 1), as a module.
 
-    Stores the options of :func:`reconstruction_loss` and calls it in
-    ``forward``; see that function for the formula and the arguments.
+    Stores the options of :func:`reconstruction_loss`, validated once here, and
+    computes it in ``forward``; see that function for the formula and the
+    arguments.
 
     Args:
         alpha: weight of the L1 sparsity term on the latent (default 1e-7).
@@ -117,9 +123,7 @@ class ReconstructionLoss(nn.Module):
         self.reduction: Reduction = reduction
 
     def forward(self, target: Tensor, reconstruction: Tensor, latent: Tensor) -> Tensor:
-        return reconstruction_loss(
-            target, reconstruction, latent, alpha=self.alpha, reduction=self.reduction
-        )
+        return _reconstruction(target, reconstruction, latent, self.alpha, self.reduction)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, reduction={self.reduction!r}"

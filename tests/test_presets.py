@@ -1,0 +1,158 @@
+"""The preset registry, FeatureSpec, and the one label rule's cost."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+
+import pytest
+import torch
+from models import tiny_pair
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import segdistill
+from segdistill import DistillationWrapper, FeatureSpec, kd_loss, presets
+from segdistill.hooks import FeatureHooks, probe_features
+
+
+def test_registry_holds_every_preset_by_its_library_name():
+    assert dict(presets.PRESETS) == {
+        "knowledge_adaptation": presets.knowledge_adaptation, "kd": presets.kd,
+        "fitnet": presets.fitnet, "attention_transfer": presets.attention_transfer,
+        "pairwise": presets.pairwise, "cwd": presets.cwd,
+    }
+    with pytest.raises(TypeError):
+        presets.PRESETS["mine"] = presets.kd  # type: ignore[index]  # read-only view
+
+
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
+def test_presets_have_typed_keyword_signatures(name):
+    preset = presets.get_preset(name)
+    signature = inspect.signature(preset)
+    params = list(signature.parameters.values())
+    assert [p.name for p in params[:2]] == ["teacher", "student"]
+    assert all(p.kind is p.KEYWORD_ONLY for p in params[2:])
+    hints = typing.get_type_hints(preset)
+    assert hints["return"] is DistillationWrapper
+    assert set(hints) == {p.name for p in params} | {"return"}
+
+
+def test_the_wrapper_has_no_preset_shortcuts_and_imports_no_preset():
+    import ast
+
+    import segdistill.wrapper as wrapper_module
+
+    for name in presets.PRESETS:
+        assert not hasattr(DistillationWrapper, name)
+    tree = ast.parse(inspect.getsource(wrapper_module))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 for alias in node.names}
+    assert "segdistill.presets" not in imported and "presets" not in imported
+
+
+def test_register_and_look_up_errors():
+    with pytest.raises(ValueError, match=r"unknown preset 'paper'; the presets are "
+                                         r"'attention_transfer', 'cwd', 'fitnet', 'kd', "):
+        presets.get_preset("paper")
+    with pytest.raises(ValueError, match=r"a preset named 'kd' is already registered "
+                                         r"\(segdistill.presets.kd\)"):
+        presets.register_preset("kd")(presets.kd)
+    with pytest.raises(ValueError, match=r"must be a Python identifier, got 'my kd'"):
+        presets.register_preset("my kd")
+    with pytest.raises(TypeError, match=r"expected a preset name \(str\), got int"):
+        presets.register_preset(3)  # type: ignore[arg-type]
+
+
+def test_a_registered_preset_is_found_and_builds():
+    @presets.register_preset("kd_at_two")
+    def kd_at_two(teacher: nn.Module, student: nn.Module) -> DistillationWrapper:
+        return presets.kd(teacher, student, temperature=2.0, resize="teacher")
+
+    try:
+        wrapper = presets.get_preset("kd_at_two")(*tiny_pair())
+        assert wrapper.terms["kd"].loss.temperature == 2.0
+    finally:
+        presets._REGISTRY.pop("kd_at_two")
+
+
+# ---- FeatureSpec ---------------------------------------------------------------------------
+
+def test_feature_spec_parses_its_path_once_and_validates():
+    spec = FeatureSpec("encoder['hidden_states'][2]", channels=64, stride=8)
+    assert (spec.module_path, spec.selectors) == ("encoder", ("hidden_states", 2))
+    assert spec == FeatureSpec("encoder['hidden_states'][2]", 64, 8)
+    with pytest.raises(ValueError, match=r"invalid selector"):
+        FeatureSpec("encoder[x]")
+    with pytest.raises(ValueError, match=r"FeatureSpec.channels must be a positive int, got 0"):
+        FeatureSpec("relu", channels=0)
+    with pytest.raises(TypeError, match=r"FeatureSpec.stride must be an int, got float"):
+        FeatureSpec("relu", stride=8.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"expected teacher_layer to be a layer path \(str\) or a "
+                                         r"FeatureSpec, got int"):
+        presets.attention_transfer(*tiny_pair(), teacher_layer=3,  # type: ignore[arg-type]
+                                   student_layer="relu")
+
+
+def test_probe_reads_channels_and_stride_in_one_forward_per_model():
+    teacher, _ = tiny_pair()
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+    specs = probe_features(teacher, {"a": "relu", "b": FeatureSpec("stem", channels=8)},
+                           torch.zeros(1, 3, 16, 16), "teacher")
+    assert calls == [1]
+    assert specs == {"a": FeatureSpec("relu", channels=12, stride=2),
+                     "b": FeatureSpec("stem", channels=8, stride=2)}
+    assert not any(m._forward_hooks for m in teacher.modules() if m is not teacher)
+    with pytest.raises(ValueError, match=r"the teacher's layer 'relu' has 12 channels on "
+                                         r"example_input, but its FeatureSpec says channels=3"):
+        probe_features(teacher, {"a": FeatureSpec("relu", channels=3)},
+                       torch.zeros(1, 3, 16, 16), "teacher")
+
+
+def test_hooks_take_specs_and_paths_alike():
+    teacher, _ = tiny_pair()
+    hooks = FeatureHooks(teacher, {"spec": FeatureSpec("relu", 12), "path": "relu"})
+    teacher(torch.randn(1, 3, 8, 8))
+    features = hooks.pop()
+    assert torch.equal(features["spec"], features["path"])
+    assert hooks.layers == {"spec": "relu", "path": "relu"}
+    hooks.remove()
+
+
+def test_top_level_exports():
+    assert segdistill.FeatureSpec is FeatureSpec and segdistill.presets is presets
+    assert {"FeatureSpec", "presets"} <= set(segdistill.__all__)
+
+
+# ---- the label rule's host sync ------------------------------------------------------------
+
+class _CountSyncs(TorchFunctionMode):
+    """Counts the calls that read a tensor's value on the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.__int__,
+                    torch.Tensor.tolist):
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("validate_args,expected", [(True, 1), (False, 0)])
+def test_label_range_check_syncs_once_per_call_or_never(validate_args, expected):
+    s, t = torch.randn(2, 5, 4, 4), torch.randn(2, 5, 8, 8)
+    labels = torch.randint(0, 5, (2, 16, 16))
+    labels[:, :4] = 255
+    with _CountSyncs() as counter:
+        kd_loss(s, t, labels, validate_args=validate_args)
+    assert counter.syncs == expected
+    teacher, student = tiny_pair()
+    wrapper = presets.kd(teacher, student, resize="teacher", validate_args=validate_args)
+    x = torch.randn(2, 3, 16, 16)
+    with _CountSyncs() as counter:
+        wrapper(x, target=labels)
+    assert counter.syncs == expected
