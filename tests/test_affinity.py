@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from segdistill import AffinityLoss, affinity_loss, affinity_matrix, pairwise_loss
-from segdistill.losses import _gram as gram_module
 
 
 def reference_affinity_loss(student: torch.Tensor, teacher: torch.Tensor, distance: str = "l2"):
@@ -114,20 +113,19 @@ def test_linear_never_allocates_n_by_n(distance):
     assert max(math.prod(s) for s in dense.shapes) >= n * n
 
 
-def test_auto_picks_by_shape(monkeypatch):
-    calls = []
-    monkeypatch.setattr(
-        gram_module, "_dense_terms",
-        lambda x_s, *a, **k: calls.append("dense")
-        or dict.fromkeys(("value", "size", "scale"), torch.ones(2, x_s.shape[-1])),
-    )
-    monkeypatch.setattr(
-        gram_module._RowNorms, "apply",
-        lambda x_s, *a: calls.append("linear") or torch.zeros(2, x_s.shape[-1]),
-    )
-    affinity_loss(torch.randn(2, 4, 32, 32), torch.randn(2, 4, 32, 32))  # C << N
-    affinity_loss(torch.randn(2, 256, 4, 4), torch.randn(2, 256, 4, 4))  # C >> N
-    assert calls == ["linear", "dense"]
+@pytest.mark.parametrize("distance", ["l2", "squared"])
+def test_auto_picks_by_shape(distance):
+    """'auto' runs the linear path where C << N (no N x N tensor, which dense builds) and
+    the dense one where C >> N (no C x C Gram, which linear builds)."""
+
+    def largest_tensor(b, c, h, w):
+        with _RecordShapes() as record:
+            affinity_loss(torch.randn(b, c, h, w, requires_grad=True), torch.randn(b, c, h, w),
+                          distance=distance).backward()
+        return max(math.prod(s) for s in record.shapes)
+
+    assert largest_tensor(2, 4, 32, 32) < (32 * 32) ** 2  # C << N: linear
+    assert largest_tensor(2, 256, 4, 4) < 256 * 256  # C >> N: dense
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 1000])

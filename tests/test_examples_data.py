@@ -114,7 +114,7 @@ def test_pascal_context_is_a_pipeline_dataset(tmp_path):
     factory, classes = DATASETS["pascal_context"]
     assert factory is pascal_context and len(classes) == 59
     run = run_module.Run(config, make_pascal_context(tmp_path), tmp_path / "runs",
-                     torch.device("cpu"))
+                         torch.device("cpu"))
     data = run_module.dataset(run, train=False)  # the stage passes the config's num_classes
     assert data.num_classes == 59 and data.label_map == "reduce_zero" and len(data) == 2
 

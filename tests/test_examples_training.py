@@ -48,7 +48,7 @@ def _digits_run(tmp_path, **config):
     values = {"scenes": (8, 6), "eval_batch_size": 3, "workers": 0, "batch_size": 4,
               "log_every": 1, "checkpoint_every": 1000, **config}
     return run_module.Run(CONFIGS["digits"].override(**values), None, tmp_path / "runs",
-                      torch.device("cpu"), progress=False)
+                          torch.device("cpu"), progress=False)
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_evaluation_reduces_only_tensors_on_the_run_device(tmp_path, monkeypatch
             with torch.device("cpu"):
                 return super().__iter__()
 
-    monkeypatch.setattr(stages, "DataLoader", Loader)
+    monkeypatch.setattr(evaluation, "DataLoader", Loader)
     # Every tensor made without an explicit device lands on "meta" here, not on the CPU:
     # one that the evaluation built on the default device instead of the run's (the CPU
     # confusion counts that NCCL rejects) would reach a collective off run.device.
@@ -115,7 +115,7 @@ def test_the_translator_trains_at_the_global_batch_with_a_timeout(tmp_path, monk
     run = _digits_run(tmp_path, translator_steps=2, translator_timeout=90.0)
     stages.train_teacher(run.with_config(teacher_steps=1))
     run = run_module.Run(run.config, None, run.out, run.device, rank=0, world_size=2,
-                     progress=False)
+                         progress=False)
     calls: dict[str, object] = {}
     fake = SimpleNamespace(  # a process group of 2 as stages sees it
         is_initialized=lambda: True,
@@ -169,7 +169,7 @@ def test_sync_bn_defaults_to_on_with_several_cuda_processes(tmp_path):
 
     def run(sync_bn, world, device):
         return run_module.Run(CONFIGS["voc"].override(sync_bn=sync_bn), None, tmp_path,
-                          torch.device(device), world_size=world)
+                              torch.device(device), world_size=world)
     assert run_module.sync_bn_enabled(run(None, 2, "cuda"))
     assert not run_module.sync_bn_enabled(run(None, 1, "cuda"))
     assert not run_module.sync_bn_enabled(run(None, 2, "cpu"))  # gloo: SyncBatchNorm needs CUDA

@@ -50,7 +50,10 @@ from segdistill import TranslatorTrainingConfig, save_checkpoint, train_translat
 
 
 def train(run: Run, stage: str, model: nn.Module, steps: int,
-           weights: nn.Module) -> list[dict[str, float]]:
+          weights: nn.Module) -> list[dict[str, float]]:
+    """Train ``model`` for ``steps`` in ``OUT/<stage>`` (``fit``, with ``--val-every``'s
+    validation) and save ``weights`` (the trained network inside ``model``) as its
+    ``model.pt`` once the stage is complete."""
     history = fit(sync_bn(run, model), dataset(run, train=True),
                   train_config(run, stage, steps), device=run.device, resume=run.resume,
                   stop_after=run.stop_after, on_step=validator(run, stage, weights))

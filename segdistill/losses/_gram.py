@@ -10,6 +10,18 @@ from C x C Gram matrices, never an N x N tensor (``method='linear'``), or from
 blocks of rows of :math:`D` (``method='dense'``), and decides between them by
 cost (:func:`dense_is_cheaper`).
 
+**Names.** :math:`G_{ab} = A B^\top` is the C x C Gram of two (C x N) unit maps,
+and the code spells it ``g_ab``: ``g_tt`` :math:`= TT^\top`, ``g_te``
+:math:`= TE^\top`, ``g_ee`` :math:`= EE^\top`, ``g_ts`` :math:`= TS^\top`,
+``g_ss`` :math:`= SS^\top` (:math:`G_{et} = G_{te}^\top`, :math:`G_{st} =
+G_{ts}^\top`). The linear path works in one of two forms, each with types of its
+own, so that no name means one thing in one form and another in the other:
+
+- the *E-form* (equal channel counts, :math:`E = S - T`): the unit maps stacked as
+  ``t_e`` :math:`= [T; E]` (:class:`_EStack`), the Grams :class:`_EGrams`;
+- the *S-form* (unequal channel counts): ``t_s`` :math:`= [T; S]`
+  (:class:`_SStack`), the Grams :class:`_SGrams`.
+
 **Cancellation.** Written as :math:`D = S^\top S - T^\top T`, every Gram term is
 :math:`O(1)` while :math:`D` is :math:`O(\delta)` when the student's unit
 vectors are within :math:`\delta` of the teacher's: in float32 the result
@@ -18,18 +30,20 @@ where distillation converges. Two measures keep the float32 result as accurate
 as the float32 dense form:
 
 1. With equal channel counts, :math:`E = S - T` is formed elementwise and
-   :math:`D = T^\top E + E^\top S` (the "E-form"). Its Gram blocks
-   :math:`TT^\top, TE^\top, EE^\top` give terms that are all :math:`O(\delta^2)`,
+   :math:`D = T^\top E + E^\top S` (the E-form). Its Gram blocks
+   :math:`G_{tt}, G_{te}, G_{ee}` give terms that are all :math:`O(\delta^2)`,
    so nothing large cancels, at the same cost.
 2. Every image's result is compared with the size of the terms it came from
    (:math:`\sum_i \lVert S^\top s_i\rVert^2 + \lVert T^\top t_i\rVert^2`, or
    :math:`\sum_i \lVert T^\top e_i\rVert^2 + \lVert E^\top s_i\rVert^2` in the
-   E-form, both from the C x C Grams), and with the sum of its squared
-   cosines, which the float32 normalisation moves by about eps each. An
+   E-form, both from the C x C Grams: the ``term_size`` of the terms), and with
+   the sum of its squared cosines (``squared_cosines``), which the float32
+   normalisation moves by about eps each. An
    image where a row falls below :data:`_RECOMPUTE_ULPS` machine epsilons of
    the first, or :data:`_NORMALIZATION_ULPS` epsilons squared of the second
    (where either would cost more than about 1e-4 of the row's value), is
-   recomputed in float64 from the raw inputs, forward and backward. That
+   recomputed in float64 from the raw inputs, forward and backward
+   (:func:`_refine`). That
    covers unequal channel counts (a teacher with extra zero channels, or an
    orthogonal mix of the student's), equal ones that agree only up to a
    rotation of the channels, and close, correlated maps with many channels. What remains
@@ -47,7 +61,7 @@ is NaN on every path, never a finite value with a NaN gradient.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -95,6 +109,111 @@ def dense_is_cheaper(n: int, c_s: int, c_t: int, distance: str) -> bool:
     return dense <= linear
 
 
+# ------------------------------------------------------------------------- the terms
+#
+# Every path computes per image a ``value`` (squared row norms (B, N), or their total
+# (B,)) with the two references of :func:`_ill_conditioned`, broadcastable to it:
+# ``term_size``, the size of the terms the value is the sum of (cancellation), and
+# ``squared_cosines``, the sum of the squared cosines (normalisation rounding), and
+# with whatever its backward pass needs.
+
+
+class _EStack(NamedTuple):
+    """E-form unit maps (equal channel counts C), built by :func:`_unit_stack`."""
+
+    t_e: Tensor  # [T; E], (B, 2C, N), with E = S - T formed elementwise
+    norm_s: Tensor  # the student's norms at every position, (B, 1, N)
+    norm_t: Tensor  # the teacher's, (B, 1, N)
+
+
+class _SStack(NamedTuple):
+    """S-form unit maps (unequal channel counts), built by :func:`_unit_stack`."""
+
+    t_s: Tensor  # [T; S], (B, C_t + C_s, N)
+    norm_s: Tensor  # the student's norms at every position, (B, 1, N)
+    norm_t: Tensor  # the teacher's, (B, 1, N)
+
+
+class _EGrams(NamedTuple):
+    """The E-form's C x C Grams, (B, C, C) each."""
+
+    g_tt: Tensor  # T T'
+    g_te: Tensor  # T E' (its transpose is G_et = E T')
+    g_ee: Tensor  # E E'
+    g_ss: Tensor  # S S' = G_tt + G_te + G_et + G_ee, S = T + E
+
+
+class _SGrams(NamedTuple):
+    """The S-form's Grams: (B, C_t, C_t), (B, C_t, C_s), (B, C_s, C_s)."""
+
+    g_tt: Tensor  # T T'
+    g_ts: Tensor  # T S' (its transpose is G_st = S T')
+    g_ss: Tensor  # S S'
+
+
+class _L2EForm(NamedTuple):
+    """:func:`_l2_terms` in the E-form."""
+
+    value: Tensor  # squared row norms r_i, (B, N)
+    term_size: Tensor  # (B, 1)
+    squared_cosines: Tensor  # (B, 1)
+    units: _EStack
+    td_ed: Tensor  # [TD; ED], (B, 2C, N)
+
+
+class _L2SForm(NamedTuple):
+    """:func:`_l2_terms` in the S-form."""
+
+    value: Tensor  # squared row norms r_i, (B, N)
+    term_size: Tensor  # (B, 1)
+    squared_cosines: Tensor  # (B, 1)
+    units: _SStack
+    td_sd: Tensor  # [TD; SD], (B, C_t + C_s, N)
+
+
+class _SquaredEForm(NamedTuple):
+    """:func:`_squared_terms` in the E-form."""
+
+    value: Tensor  # ||D||_F^2, (B,)
+    term_size: Tensor  # (B,)
+    squared_cosines: Tensor  # (B,)
+    units: _EStack
+    grams: _EGrams
+
+
+class _SquaredSForm(NamedTuple):
+    """:func:`_squared_terms` in the S-form."""
+
+    value: Tensor  # ||D||_F^2, (B,)
+    term_size: Tensor  # (B,)
+    squared_cosines: Tensor  # (B,)
+    units: _SStack
+    grams: _SGrams
+
+
+class _DenseTerms(NamedTuple):
+    """:func:`_dense_terms`: (B, N) rows, or (B,) totals with ``squared``."""
+
+    value: Tensor
+    term_size: Tensor
+    squared_cosines: Tensor  # an upper bound, 2N per row
+
+
+_L2Terms = _L2EForm | _L2SForm
+_SquaredTerms = _SquaredEForm | _SquaredSForm
+_Terms = _L2Terms | _SquaredTerms | _DenseTerms
+
+
+class _Refinement(NamedTuple):
+    """:func:`_refine`'s result."""
+
+    value: Tensor  # the value, the images in ``wide_index`` from their float64 terms
+    keep: Tensor  # entries above rounding noise in the widest precision (NaN: kept)
+    terms: _Terms  # the working-precision terms of every image
+    wide_index: Tensor  # (k,) the images recomputed in float64
+    wide_terms: _Terms | None  # their float64 terms; None if k = 0
+
+
 def _wider(dtype: torch.dtype) -> bool:
     """Whether to recompute ill-conditioned images in a wider float than ``dtype``.
 
@@ -105,56 +224,61 @@ def _wider(dtype: torch.dtype) -> bool:
     return dtype != torch.float64 and not torch.compiler.is_compiling()
 
 
-def _ill_conditioned(value: Tensor, size: Tensor, scale: Tensor) -> Tensor:
+def _ill_conditioned(value: Tensor, term_size: Tensor, squared_cosines: Tensor) -> Tensor:
     """Images (a (B,) mask) whose ``value`` (rows (B, N) or totals (B,)) the working
     precision cannot resolve: below :data:`_RECOMPUTE_ULPS` epsilons of the terms'
-    ``size`` (cancellation) or below :data:`_NORMALIZATION_ULPS` epsilons squared of
-    the squared cosines' ``scale`` (normalisation rounding)."""
+    ``term_size`` (cancellation) or below :data:`_NORMALIZATION_ULPS` epsilons squared
+    of the ``squared_cosines`` (normalisation rounding)."""
     eps = torch.finfo(value.dtype).eps
-    bad = (value < _RECOMPUTE_ULPS * eps * size) | (
-        value < (_NORMALIZATION_ULPS * eps) ** 2 * scale)
+    bad = (value < _RECOMPUTE_ULPS * eps * term_size) | (
+        value < (_NORMALIZATION_ULPS * eps) ** 2 * squared_cosines)
     return bad.any(1) if bad.ndim == 2 else bad
 
 
-_Terms = dict[str, Tensor]
-
-
-def _refined_terms(compute: Callable[[Tensor, Tensor], _Terms], x_s: Tensor, x_t: Tensor
-                   ) -> tuple[Tensor, Tensor, _Terms, Tensor, _Terms | None]:
-    """``compute(x_s, x_t)``, whose terms hold the ``'value'`` (rows (B, N) or totals
-    (B,)) with the ``'size'`` and ``'scale'`` of :func:`_ill_conditioned` (broadcastable
-    to it), with the ill-conditioned images recomputed in float64.
-
-    Returns ``(value, keep, terms, index, wide)``: the value, the mask of entries above
-    rounding noise (in the widest precision used; NaN counts as kept), the
-    working-precision terms, the images recomputed and their float64 terms (``None``
-    if there are none).
-    """
+def _refine(compute: Callable[[Tensor, Tensor], _Terms], x_s: Tensor, x_t: Tensor
+            ) -> _Refinement:
+    """``compute(x_s, x_t)``, with the ill-conditioned images (:func:`_ill_conditioned`)
+    recomputed in float64 and the entries above rounding noise marked (``keep``)."""
     terms = compute(x_s, x_t)
-    value, size = terms["value"], terms["size"]
+    value, term_size = terms.value, terms.term_size
     eps = torch.finfo(value.dtype).eps
-    index = value.new_empty(0, dtype=torch.long)
-    wide = None
+    wide_index = value.new_empty(0, dtype=torch.long)
+    wide_terms = None
     if _wider(value.dtype):
-        index = _ill_conditioned(value, size, terms["scale"]).nonzero().squeeze(1)
-    if index.numel():
-        wide = compute(x_s[index].double(), x_t[index].double())
-        value = value.index_copy(0, index, wide["value"].to(value.dtype))
-        size = size.index_copy(0, index, wide["size"].to(value.dtype))
+        wide_index = _ill_conditioned(value, term_size, terms.squared_cosines
+                                      ).nonzero().squeeze(1)
+    if wide_index.numel():
+        wide_terms = compute(x_s[wide_index].double(), x_t[wide_index].double())
+        value = value.index_copy(0, wide_index, wide_terms.value.to(value.dtype))
+        term_size = term_size.index_copy(0, wide_index, wide_terms.term_size.to(value.dtype))
         eps = torch.finfo(torch.float64).eps
-    keep = ~(value <= _ZERO_ULPS * eps * size)  # NaN stays NaN
-    return value, keep, terms, index, wide
+    keep = ~(value <= _ZERO_ULPS * eps * term_size)  # NaN stays NaN
+    return _Refinement(value, keep, terms, wide_index, wide_terms)
 
 
-def _refined(compute: Callable[[Tensor, Tensor], _Terms], x_s: Tensor, x_t: Tensor) -> Tensor:
-    """:func:`_refined_terms`' value, with rounding noise set to zero (autograd paths)."""
-    value, keep, *_ = _refined_terms(compute, x_s, x_t)
-    return torch.where(keep, value, torch.zeros_like(value))
+def _refined_value(compute: Callable[[Tensor, Tensor], _Terms], x_s: Tensor, x_t: Tensor
+                   ) -> Tensor:
+    """:func:`_refine`'s value, with rounding noise set to zero (autograd paths)."""
+    refined = _refine(compute, x_s, x_t)
+    return torch.where(refined.keep, refined.value, torch.zeros_like(refined.value))
 
 
 def _frobenius_dot(a: Tensor, b: Tensor) -> Tensor:
     """:math:`\\langle A, B \\rangle_F` per image, (B, C, C') x (B, C, C') -> (B,)."""
     return (a * b).sum((1, 2))
+
+
+def _squared_cosines(g_ss: Tensor, g_tt: Tensor) -> Tensor:
+    r"""The sum of the squared cosines of both maps, :math:`\lVert S^\top S\rVert_F^2 +
+    \lVert T^\top T\rVert_F^2 = \lVert G_{ss}\rVert_F^2 + \lVert G_{tt}\rVert_F^2`, (B,)."""
+    return g_ss.square().sum((1, 2)) + g_tt.square().sum((1, 2))
+
+
+def _e_form_term_size(grams: _EGrams) -> Tensor:
+    r"""E-form size of the terms, (B,): :math:`\sum_i \lVert T^\top e_i\rVert^2 +
+    \lVert E^\top s_i\rVert^2 = \langle G_{tt}, G_{ee}\rangle + \langle G_{ee},
+    G_{ss}\rangle`."""
+    return _frobenius_dot(grams.g_tt, grams.g_ee) + _frobenius_dot(grams.g_ee, grams.g_ss)
 
 
 # ------------------------------------------------------------------- shared building blocks
@@ -217,32 +341,43 @@ def _norms(x: Tensor, eps: float) -> Tensor:
     return safe_norm(x, 1, 2.0, eps)
 
 
-def _unit_blocks(x_s: Tensor, x_t: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Normalise both maps into one (B, C_t + C_s, N) buffer ``z`` and return
-    ``(z, norm_s, norm_t)``.
+def _unit_stack(x_s: Tensor, x_t: Tensor, eps: float) -> _EStack | _SStack:
+    """Normalise both maps into one (B, C_t + C_s, N) buffer: ``[T; E]`` with
+    :math:`E = S - T` formed elementwise when the channel counts are equal (the
+    E-form, :class:`_EStack`), ``[T; S]`` otherwise (:class:`_SStack`).
 
-    ``z = [T; E]`` with :math:`E = S - T` formed elementwise when the channel
-    counts are equal (the E-form), ``z = [T; S]`` otherwise. The norms are
-    (B, 1, N). Outside :func:`_buffered` code the buffer is built by ``cat``.
+    Outside :func:`_buffered` code the buffer is built by ``cat``.
     """
     c_t = x_t.shape[1]
     e_form = x_s.shape[1] == c_t
     norm_s, norm_t = _norms(x_s, eps), _norms(x_t, eps)
     if not _buffered():
         t, s = x_t / norm_t, x_s / norm_s
-        return torch.cat([t, s - t if e_form else s], dim=1), norm_s, norm_t
-    batch, c_s, n = x_s.shape
-    z = x_s.new_empty(batch, c_t + c_s, n)
-    t, second = z[:, :c_t], z[:, c_t:]
-    for cols in _column_blocks(z):
-        t_block = torch.div(x_t[..., cols], norm_t[..., cols], out=t[..., cols])
-        block = torch.div(x_s[..., cols], norm_s[..., cols], out=second[..., cols])
-        if e_form:
-            block.sub_(t_block)
-    return z, norm_s, norm_t
+        stack = torch.cat([t, s - t if e_form else s], dim=1)
+    else:
+        batch, c_s, n = x_s.shape
+        stack = x_s.new_empty(batch, c_t + c_s, n)
+        t, e_or_s = stack[:, :c_t], stack[:, c_t:]
+        for cols in _column_blocks(stack):
+            t_block = torch.div(x_t[..., cols], norm_t[..., cols], out=t[..., cols])
+            block = torch.div(x_s[..., cols], norm_s[..., cols], out=e_or_s[..., cols])
+            if e_form:
+                block.sub_(t_block)
+    return _EStack(stack, norm_s, norm_t) if e_form else _SStack(stack, norm_s, norm_t)
 
 
-def _blocks(*rows: tuple[Tensor, Tensor]) -> Tensor:
+def _e_grams(t: Tensor, e: Tensor) -> _EGrams:
+    """The E-form's Grams from the two halves of ``[T; E]``."""
+    g_tt, g_te, g_ee = t @ t.mT, t @ e.mT, e @ e.mT
+    return _EGrams(g_tt, g_te, g_ee, g_tt + g_te + g_te.mT + g_ee)
+
+
+def _s_grams(t: Tensor, s: Tensor) -> _SGrams:
+    """The S-form's Grams from the two halves of ``[T; S]``."""
+    return _SGrams(t @ t.mT, t @ s.mT, s @ s.mT)
+
+
+def _block_matrix(*rows: tuple[Tensor, Tensor]) -> Tensor:
     """Stack small (B, C, C') blocks into one matrix, one ``(left, right)`` per block row."""
     return torch.cat([torch.cat(row, dim=2) for row in rows], dim=1)
 
@@ -264,99 +399,104 @@ def _normalization_backward(g: Tensor, x: Tensor, norm: Tensor, factor: float) -
 # ----------------------------------------------------------------------------- l2 rows
 
 
-def _l2_terms(x_s: Tensor, x_t: Tensor, eps: float) -> _Terms:
+def _l2_terms(x_s: Tensor, x_t: Tensor, eps: float) -> _L2Terms:
     r"""Squared row norms :math:`r_i = \lVert d_i \rVert^2` with everything the
     backward pass needs: three C x C Grams and the stacked product
-    :math:`P = [TD;\, ED]` (or :math:`[TD;\, SD]`), seven :math:`C^2 N`
-    multiply-adds with equal channel counts.
+    :math:`P = [TD;\, ED]` (``td_ed``, E-form) or :math:`[TD;\, SD]` (``td_sd``,
+    S-form), seven :math:`C^2 N` multiply-adds with equal channel counts.
 
     E-form: with :math:`D = T^\top E + E^\top S` and :math:`S = T + E`,
     :math:`P = \begin{bmatrix} G_{te} & G_{tt} + G_{te} \\ G_{ee} & G_{et} + G_{ee}
     \end{bmatrix} \begin{bmatrix} T \\ E \end{bmatrix}` and
-    :math:`r_i = e_i \cdot (TD)_i + s_i \cdot (ED)_i`. Otherwise
+    :math:`r_i = e_i \cdot (TD)_i + s_i \cdot (ED)_i`. S-form:
     :math:`P = \begin{bmatrix} -G_{tt} & G_{ts} \\ -G_{st} & G_{ss} \end{bmatrix}
     \begin{bmatrix} T \\ S \end{bmatrix}` and :math:`r_i = s_i \cdot (SD)_i - t_i
-    \cdot (TD)_i`. :math:`s_i` is read as :math:`x_i / \lVert x_i \rVert`, so
-    only ``z`` and ``P`` are stored.
+    \cdot (TD)_i`. In the E-form :math:`s_i` is read as :math:`x_i / \lVert x_i
+    \rVert`, so only the stack and ``P`` are stored.
     """
     c_t = x_t.shape[1]
-    z, norm_s, norm_t = _unit_blocks(x_s, x_t, eps)
-    t, second = z[:, :c_t], z[:, c_t:]
-    n = z.shape[-1]
-    if x_s.shape[1] == c_t:
-        e = second
-        g_tt, g_te, g_ee = t @ t.mT, t @ e.mT, e @ e.mT
-        p = _blocks((g_te, g_tt + g_te), (g_ee, g_te.mT + g_ee)) @ z  # [TD; ED]
-        r = _column_dot(e, p[:, :c_t]) + _column_dot(x_s, p[:, c_t:]) / norm_s.squeeze(1)
-        # sum_i ||T'e_i||^2 + ||E's_i||^2 = <G_tt, G_ee> + <G_ee, G_ss>, G_ss = S S'
-        g_ss = g_tt + g_te + g_te.mT + g_ee
-        size = _frobenius_dot(g_tt, g_ee) + _frobenius_dot(g_ee, g_ss)
-    else:
-        s = second
-        g_tt, g_ts, g_ss = t @ t.mT, t @ s.mT, s @ s.mT
-        p = _blocks((-g_tt, g_ts), (-g_ts.mT, g_ss)) @ z  # [TD; SD]
-        r = _column_dot(s, p[:, c_t:]) - _column_dot(t, p[:, :c_t])
-        # sum_i ||S's_i||^2 + ||T't_i||^2 = ||G_ss||^2 + ||G_tt||^2
-        size = g_ss.square().sum((1, 2)) + g_tt.square().sum((1, 2))
-    scale = g_ss.square().sum((1, 2)) + g_tt.square().sum((1, 2))
-    return {"z": z, "p": p, "value": r, "size": (size / n).unsqueeze(1),
-            "scale": (scale / n).unsqueeze(1), "norm_s": norm_s, "norm_t": norm_t}
+    n = x_t.shape[-1]
+    units = _unit_stack(x_s, x_t, eps)
+    if isinstance(units, _EStack):
+        t, e = units.t_e[:, :c_t], units.t_e[:, c_t:]
+        e_grams = _e_grams(t, e)
+        g_tt, g_te, g_ee = e_grams.g_tt, e_grams.g_te, e_grams.g_ee
+        td_ed = _block_matrix((g_te, g_tt + g_te), (g_ee, g_te.mT + g_ee)) @ units.t_e
+        td, ed = td_ed[:, :c_t], td_ed[:, c_t:]
+        r = _column_dot(e, td) + _column_dot(x_s, ed) / units.norm_s.squeeze(1)
+        squared_cosines = _squared_cosines(e_grams.g_ss, g_tt)
+        return _L2EForm(r, (_e_form_term_size(e_grams) / n).unsqueeze(1),
+                        (squared_cosines / n).unsqueeze(1), units, td_ed)
+    t, s = units.t_s[:, :c_t], units.t_s[:, c_t:]
+    s_grams = _s_grams(t, s)
+    g_tt, g_ts, g_ss = s_grams
+    td_sd = _block_matrix((-g_tt, g_ts), (-g_ts.mT, g_ss)) @ units.t_s
+    td, sd = td_sd[:, :c_t], td_sd[:, c_t:]
+    r = _column_dot(s, sd) - _column_dot(t, td)
+    # sum_i ||S's_i||^2 + ||T't_i||^2 = ||G_ss||^2 + ||G_tt||^2: the squared cosines
+    squared_cosines = (_squared_cosines(g_ss, g_tt) / n).unsqueeze(1)
+    return _L2SForm(r, squared_cosines, squared_cosines, units, td_sd)
 
 
-def _l2_backward(terms: _Terms, gamma: Tensor, x_s: Tensor, x_t: Tensor,
+def _l2_backward(terms: _L2Terms, gamma: Tensor, x_s: Tensor, x_t: Tensor,
                  need: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
     r"""Gradients of :math:`\sum_i \gamma_i r_i` with respect to the raw maps.
 
     With :math:`\Gamma = \mathrm{diag}(\gamma)` and :math:`D = V^\top W` (E-form
-    :math:`V = [T; E]`, :math:`W = [E; S]`; otherwise :math:`V = [T; S]`,
+    :math:`V = [T; E]`, :math:`W = [E; S]`; S-form :math:`V = [T; S]`,
     :math:`W = [-T; S]`), :math:`\partial/\partial S = 2\,(SD\,\Gamma + K_s W)`
     and :math:`\partial/\partial T = -2\,(TD\,\Gamma + K_t W)` with
     :math:`K_u = U \Gamma V^\top`: two C x C x N products per side (the second
-    applies :math:`K_u W`, rewritten on ``z``), then the normalisation's backward.
+    applies :math:`K_u W`, rewritten on :math:`V`), then the normalisation's backward.
     Each side's gradient is built in one fresh buffer.
     """
     c_t = x_t.shape[1]
-    e_form = x_s.shape[1] == c_t
-    z, p = terms["z"], terms["p"]
+    e_form = isinstance(terms, _L2EForm)
+    if isinstance(terms, _L2EForm):
+        v = terms.units.t_e
+        td, ed = terms.td_ed[:, :c_t], terms.td_ed[:, c_t:]
+    else:
+        v = terms.units.t_s
+        td, sd = terms.td_sd[:, :c_t], terms.td_sd[:, c_t:]
     gamma = gamma.unsqueeze(1)
     grads: list[Tensor | None] = []
-    for x, norm, factor, wanted in ((x_s, terms["norm_s"], 2.0, need[0]),
-                                    (x_t, terms["norm_t"], -2.0, need[1])):
+    for student, x, norm, factor, wanted in (
+            (True, x_s, terms.units.norm_s, 2.0, need[0]),
+            (False, x_t, terms.units.norm_t, -2.0, need[1])):
         if not wanted:
             grads.append(None)
             continue
         g = torch.mul(x, gamma / norm)  # U Gamma
-        k = g @ z.mT  # U Gamma V'
-        k1, k2 = k[..., :c_t], k[..., c_t:]
-        # K W on z: E-form k1 E + k2 S = [k2, k1 + k2] [T; E]; else [-k1, k2] [T; S]
-        k = torch.cat([k2, k1 + k2] if e_form else [-k1, k2], dim=-1)
-        for cols in _column_blocks(g):  # g = (T D or S D) Gamma
-            first, second, weight = p[:, :c_t, cols], p[:, c_t:, cols], gamma[..., cols]
-            if x is x_t:  # T D
-                torch.mul(first, weight, out=g[..., cols])
+        k_u = g @ v.mT  # K_u = U Gamma V' = [ku_t, ku_e] or [ku_t, ku_s], ku_x = U Gamma X'
+        ku_t = k_u[..., :c_t]
+        if e_form:  # K_u W = ku_t E + ku_e S = [ku_e, ku_t + ku_e] [T; E]
+            ku_e = k_u[..., c_t:]
+            ku_w = torch.cat([ku_e, ku_t + ku_e], dim=-1)
+        else:  # K_u W = -ku_t T + ku_s S = [-ku_t, ku_s] [T; S]
+            ku_s = k_u[..., c_t:]
+            ku_w = torch.cat([-ku_t, ku_s], dim=-1)
+        for cols in _column_blocks(g):  # g = (S D or T D) Gamma
+            weight, out = gamma[..., cols], g[..., cols]
+            if not student:  # T D
+                torch.mul(td[..., cols], weight, out=out)
             elif e_form:  # S D = T D + E D
-                torch.add(first, second, out=g[..., cols]).mul_(weight)
+                torch.add(td[..., cols], ed[..., cols], out=out).mul_(weight)
             else:  # S D
-                torch.mul(second, weight, out=g[..., cols])
-        grads.append(_normalization_backward(g.baddbmm_(k, z), x, norm, factor))
+                torch.mul(sd[..., cols], weight, out=out)
+        grads.append(_normalization_backward(g.baddbmm_(ku_w, v), x, norm, factor))
     return grads[0], grads[1]
 
 
-def _l2_rows(x_s: Tensor, x_t: Tensor, eps: float
-             ) -> tuple[Tensor, Tensor, _Terms, Tensor, _Terms | None]:
-    """Row norms (B, N) with the float64 recomputation of ill-conditioned images; the
-    rest of the tuple as in :func:`_refined_terms`. Below the noise floor a row is
-    zero; NaN stays NaN."""
-    r, keep, terms, index, wide = _refined_terms(
-        lambda a, b: _l2_terms(a, b, eps), x_s, x_t)
-    rows = torch.where(keep, torch.where(keep, r, torch.ones_like(r)).sqrt(),
+def _row_norms(refined: _Refinement) -> Tensor:
+    """The row norms :math:`\\sqrt{r_i}` (B, N) of refined :func:`_l2_terms`: zero below
+    the noise floor; NaN stays NaN."""
+    r, keep = refined.value, refined.keep
+    return torch.where(keep, torch.where(keep, r, torch.ones_like(r)).sqrt(),
                        torch.zeros_like(r))
-    return rows, keep, terms, index, wide
 
 
 _Grads = tuple[Tensor | None, Tensor | None, None]
-_Backward = Callable[[_Terms, Tensor, Tensor, Tensor, tuple[bool, bool]],
-                     tuple[Tensor | None, Tensor | None]]
+_TermsT = TypeVar("_TermsT")
 
 
 def _second_order(value: Callable[[Tensor, Tensor], Tensor], grad: Tensor, x_s: Tensor,
@@ -369,15 +509,17 @@ def _second_order(value: Callable[[Tensor, Tensor], Tensor], grad: Tensor, x_s: 
     return (next(grads) if need[0] else None, next(grads) if need[1] else None, None)
 
 
-def _first_order(backward: _Backward, ctx: Any, gamma: Tensor, x_s: Tensor, x_t: Tensor,
-                 index: Tensor, need: tuple[bool, bool]) -> _Grads:
-    """``backward`` on the working-precision terms, with the images in ``index``
-    replaced by their float64 recomputation."""
-    grad_s, grad_t = backward(ctx.terms, gamma, x_s, x_t, need)
-    if ctx.wide is not None:
-        wide = backward(ctx.wide, gamma[index].double(), x_s[index].double(),
-                        x_t[index].double(), need)
-        grad_s, grad_t = (g.index_copy(0, index, w.to(g.dtype))
+def _first_order(backward: Callable[[_TermsT, Tensor, Tensor, Tensor, tuple[bool, bool]],
+                                    tuple[Tensor | None, Tensor | None]],
+                 terms: _TermsT, wide_terms: _TermsT | None, wide_index: Tensor,
+                 gamma: Tensor, x_s: Tensor, x_t: Tensor, need: tuple[bool, bool]) -> _Grads:
+    """``backward`` on the working-precision ``terms``, with the images in
+    ``wide_index`` replaced by their float64 recomputation from ``wide_terms``."""
+    grad_s, grad_t = backward(terms, gamma, x_s, x_t, need)
+    if wide_terms is not None:
+        wide = backward(wide_terms, gamma[wide_index].double(), x_s[wide_index].double(),
+                        x_t[wide_index].double(), need)
+        grad_s, grad_t = (g.index_copy(0, wide_index, w.to(g.dtype))
                           if g is not None and w is not None else g
                           for g, w in zip((grad_s, grad_t), wide, strict=True))
     return grad_s, grad_t, None
@@ -389,10 +531,11 @@ class _RowNorms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x_s: Tensor, x_t: Tensor, eps: float) -> Tensor:
-        rows, keep, terms, index, wide = _l2_rows(x_s, x_t, eps)
+        refined = _refine(lambda a, b: _l2_terms(a, b, eps), x_s, x_t)
+        rows = _row_norms(refined)
         ctx.eps, ctx.device_type = eps, x_s.device.type
-        ctx.terms, ctx.wide = terms, wide
-        ctx.save_for_backward(x_s, x_t, rows, keep, index)
+        ctx.terms, ctx.wide_terms = refined.terms, refined.wide_terms
+        ctx.save_for_backward(x_s, x_t, rows, refined.keep, refined.wide_index)
         return rows
 
     @staticmethod
@@ -404,85 +547,82 @@ class _RowNorms(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x_s, x_t, rows, keep, index = ctx.saved_tensors
+        x_s, x_t, rows, keep, wide_index = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if torch.is_grad_enabled():
-            return _second_order(lambda a, b: _l2_rows(a, b, ctx.eps)[0], grad_rows, x_s, x_t,
-                                 need)
+            return _second_order(lambda a, b: _row_norms(_refine(
+                lambda c, d: _l2_terms(c, d, ctx.eps), a, b)), grad_rows, x_s, x_t, need)
         # d rows_i / d r_i = 1 / (2 rows_i); zero where the row counts as zero
         gamma = torch.where(keep, grad_rows / torch.where(keep, 2 * rows, torch.ones_like(rows)),
                             torch.zeros_like(rows))
-        return _first_order(_l2_backward, ctx, gamma, x_s, x_t, index, need)
+        return _first_order(_l2_backward, ctx.terms, ctx.wide_terms, wide_index, gamma,
+                            x_s, x_t, need)
 
 
 # ------------------------------------------------------------------------- squared form
 
 
-def _squared_terms(x_s: Tensor, x_t: Tensor, eps: float) -> _Terms:
+def _squared_terms(x_s: Tensor, x_t: Tensor, eps: float) -> _SquaredTerms:
     r""":math:`\lVert S^\top S - T^\top T\rVert_F^2` per image from the three C x C
     Grams, the size of the terms it is the sum of and the sum of the squared
-    cosines (see :func:`_refined`), with ``z`` and the Grams for the backward pass."""
+    cosines (see :func:`_refine`), with the unit stack and the Grams for the backward
+    pass."""
     c_t = x_t.shape[1]
-    z, norm_s, norm_t = _unit_blocks(x_s, x_t, eps)
-    t, second = z[:, :c_t], z[:, c_t:]
-    if x_s.shape[1] == c_t:
-        e = second
-        g_tt, g_te, g_ee = t @ t.mT, t @ e.mT, e @ e.mT
+    units = _unit_stack(x_s, x_t, eps)
+    if isinstance(units, _EStack):
+        grams = _e_grams(units.t_e[:, :c_t], units.t_e[:, c_t:])
+        g_tt, g_te, g_ee = grams.g_tt, grams.g_te, grams.g_ee
         # ||T'E + E'S||_F^2 with S = T + E, all terms O(delta^2)
-        g_ss = g_tt + g_te + g_te.mT + g_ee
         value = (2 * _frobenius_dot(g_tt, g_ee) + 4 * _frobenius_dot(g_te, g_ee)
                  + _frobenius_dot(g_ee, g_ee) + 2 * _frobenius_dot(g_te, g_te.mT))
-        size = _frobenius_dot(g_tt, g_ee) + _frobenius_dot(g_ee, g_ss)
-        scale = g_ss.square().sum((1, 2)) + g_tt.square().sum((1, 2))
-        grams = (g_tt, g_te, g_ee)
-    else:
-        s = second
-        g_tt, g_ts, g_ss = t @ t.mT, t @ s.mT, s @ s.mT
-        size = scale = g_ss.square().sum((1, 2)) + g_tt.square().sum((1, 2))
-        # sum_i s_i' G s_i = trace(S' G S) = trace(G S S') = ||G||_F^2
-        value = scale - 2 * g_ts.square().sum((1, 2))
-        grams = (g_tt, g_ts, g_ss)
-    return {"value": value, "size": size, "scale": scale, "z": z, "norm_s": norm_s,
-            "norm_t": norm_t, "g1": grams[0], "g2": grams[1], "g3": grams[2]}
+        return _SquaredEForm(value, _e_form_term_size(grams),
+                             _squared_cosines(grams.g_ss, g_tt), units, grams)
+    s_grams = _s_grams(units.t_s[:, :c_t], units.t_s[:, c_t:])
+    squared_cosines = _squared_cosines(s_grams.g_ss, s_grams.g_tt)
+    # sum_i s_i' G s_i = trace(S' G S) = trace(G S S') = ||G||_F^2: the terms' size is
+    # the squared cosines
+    value = squared_cosines - 2 * s_grams.g_ts.square().sum((1, 2))
+    return _SquaredSForm(value, squared_cosines, squared_cosines, units, s_grams)
 
 
-def _squared_backward(terms: _Terms, gamma: Tensor, x_s: Tensor, x_t: Tensor,
+def _squared_backward(terms: _SquaredTerms, gamma: Tensor, x_s: Tensor, x_t: Tensor,
                       need: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
     r"""Gradients of :math:`\sum_b \gamma_b \lVert D_b \rVert_F^2`: :math:`4\,SD` and
-    :math:`-4\,TD`, one C x 2C x N product per side on ``z`` (E-form
+    :math:`-4\,TD`, one C x 2C x N product per side on the unit stack (E-form
     :math:`SD = [G_{te} + G_{ee},\ G_{ss}]\,[T; E]` and
-    :math:`TD = [G_{te},\ G_{tt} + G_{te}]\,[T; E]`; otherwise
+    :math:`TD = [G_{te},\ G_{tt} + G_{te}]\,[T; E]`; S-form
     :math:`SD = [-G_{st},\ G_{ss}]\,[T; S]` and :math:`TD = [-G_{tt},\ G_{ts}]\,[T; S]`),
     with :math:`4\gamma` folded into the small matrix, then the normalisation's
     backward."""
-    z, g1, g2, g3 = terms["z"], terms["g1"], terms["g2"], terms["g3"]
     weight = 4 * gamma.view(-1, 1, 1)
-    if x_s.shape[1] == x_t.shape[1]:  # g1, g2, g3 = G_tt, G_te, G_ee
-        on_s = (g2 + g3, g1 + g2 + g2.mT + g3)
-        on_t = (g2, g1 + g2)
-    else:  # g1, g2, g3 = G_tt, G_ts, G_ss
-        on_s = (-g2.mT, g3)
-        on_t = (-g1, g2)
+    if isinstance(terms, _SquaredEForm):
+        stack, e_grams = terms.units.t_e, terms.grams
+        on_s = (e_grams.g_te + e_grams.g_ee, e_grams.g_ss)  # SD on [T; E]
+        on_t = (e_grams.g_te, e_grams.g_tt + e_grams.g_te)  # TD on [T; E]
+    else:
+        stack, s_grams = terms.units.t_s, terms.grams
+        on_s = (-s_grams.g_ts.mT, s_grams.g_ss)  # SD on [T; S]
+        on_t = (-s_grams.g_tt, s_grams.g_ts)  # TD on [T; S]
     grads: list[Tensor | None] = []
-    for x, norm, blocks, factor, wanted in ((x_s, terms["norm_s"], on_s, 1.0, need[0]),
-                                            (x_t, terms["norm_t"], on_t, -1.0, need[1])):
-        g = (torch.cat(blocks, dim=2) * weight) @ z if wanted else None
+    for x, norm, blocks, factor, wanted in ((x_s, terms.units.norm_s, on_s, 1.0, need[0]),
+                                            (x_t, terms.units.norm_t, on_t, -1.0, need[1])):
+        g = (torch.cat(blocks, dim=2) * weight) @ stack if wanted else None
         grads.append(None if g is None else _normalization_backward(g, x, norm, factor))
     return grads[0], grads[1]
 
 
 class _SquaredDistance(torch.autograd.Function):
     """:math:`\\lVert S^\\top S - T^\\top T\\rVert_F^2` per image from the raw (B, C, N)
-    maps, with the float64 recomputation of :func:`_refined` and the hand-written
+    maps, with the float64 recomputation of :func:`_refine` and the hand-written
     backward pass of :func:`_squared_backward`."""
 
     @staticmethod
     def forward(ctx: Any, x_s: Tensor, x_t: Tensor, eps: float) -> Tensor:
-        value, keep, terms, index, wide = _refined_terms(
-            lambda a, b: _squared_terms(a, b, eps), x_s, x_t)
-        ctx.eps, ctx.device_type, ctx.terms, ctx.wide = eps, x_s.device.type, terms, wide
-        ctx.save_for_backward(x_s, x_t, keep, index)
-        return torch.where(keep, value, torch.zeros_like(value))
+        refined = _refine(lambda a, b: _squared_terms(a, b, eps), x_s, x_t)
+        ctx.eps, ctx.device_type = eps, x_s.device.type
+        ctx.terms, ctx.wide_terms = refined.terms, refined.wide_terms
+        ctx.save_for_backward(x_s, x_t, refined.keep, refined.wide_index)
+        return torch.where(refined.keep, refined.value, torch.zeros_like(refined.value))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
@@ -491,20 +631,21 @@ class _SquaredDistance(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x_s, x_t, keep, index = ctx.saved_tensors
+        x_s, x_t, keep, wide_index = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if torch.is_grad_enabled():
-            return _second_order(lambda a, b: _refined(
+            return _second_order(lambda a, b: _refined_value(
                 lambda c, d: _squared_terms(c, d, ctx.eps), a, b), grad, x_s, x_t, need)
         gamma = torch.where(keep, grad, torch.zeros_like(grad))
-        return _first_order(_squared_backward, ctx, gamma, x_s, x_t, index, need)
+        return _first_order(_squared_backward, ctx.terms, ctx.wide_terms, wide_index, gamma,
+                            x_s, x_t, need)
 
 
 # ---------------------------------------------------------------------------- dense form
 
 
 def _dense_terms(x_s: Tensor, x_t: Tensor, eps: float, chunk_size: int | None,
-                 squared: bool) -> _Terms:
+                 squared: bool) -> _DenseTerms:
     """Rows of :math:`D` in blocks (E-form with equal channels): squared row norms
     (B, N), or with ``squared`` their sum (B,); with the size of the two products
     each row is the sum of, and the bound :math:`2N` on the squared cosines."""
@@ -515,18 +656,19 @@ def _dense_terms(x_s: Tensor, x_t: Tensor, eps: float, chunk_size: int | None,
     values, sizes = [], []
     for start in range(0, n, rows):
         block = slice(start, min(start + rows, n))
-        if e is None:
+        if e is None:  # D = S'S - T'T
             first, second = s[:, :, block].mT @ s, -(t[:, :, block].mT @ t)
         else:  # D = T'E + E'S
             first, second = t[:, :, block].mT @ e, e[:, :, block].mT @ s
         values.append((first + second).square().sum(-1))
         with torch.no_grad():
             sizes.append(first.square().sum(-1) + second.square().sum(-1))
-    value, size = torch.cat(values, dim=1), torch.cat(sizes, dim=1)
-    scale = torch.full_like(size, 2.0 * n)
+    value, term_size = torch.cat(values, dim=1), torch.cat(sizes, dim=1)
+    squared_cosines = torch.full_like(term_size, 2.0 * n)
     if squared:
-        value, size, scale = value.sum(1), size.sum(1), scale.sum(1)
-    return {"value": value, "size": size, "scale": scale}
+        value, term_size, squared_cosines = (
+            value.sum(1), term_size.sum(1), squared_cosines.sum(1))
+    return _DenseTerms(value, term_size, squared_cosines)
 
 
 class _OwnGraph(torch.autograd.Function):
@@ -578,9 +720,9 @@ def _own_graph(fn: Callable[[Tensor, Tensor], Tensor], x_s: Tensor, x_t: Tensor)
 
 def _dense(x_s: Tensor, x_t: Tensor, eps: float, chunk_size: int | None,
            squared: bool) -> Tensor:
-    """The dense form: :func:`_dense_terms` refined (:func:`_refined`), on a graph of
+    """The dense form: :func:`_dense_terms` refined (:func:`_refined_value`), on a graph of
     its own (:func:`_own_graph`)."""
-    return _own_graph(lambda a, b: _refined(
+    return _own_graph(lambda a, b: _refined_value(
         lambda c, d: _dense_terms(c, d, eps, chunk_size, squared), a, b), x_s, x_t)
 
 

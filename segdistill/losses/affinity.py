@@ -48,7 +48,7 @@ from segdistill._checks import (
     check_positive_int,
     check_real,
 )
-from segdistill._features import RESIZE_MODES, Resize, align_grids, full_precision
+from segdistill._features import Resize, align_grids, check_resize, full_precision
 from segdistill._reduction import Reduction, check_reduction, reduce_loss
 from segdistill.losses._gram import row_distances, squared_distance, unit_columns
 
@@ -109,11 +109,30 @@ def _check_options(
 ) -> None:
     check_choice("distance", distance, DISTANCES)
     check_choice("method", method, METHODS)
-    check_choice("resize", resize, RESIZE_MODES)
+    check_resize(resize)
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
     check_real("eps", eps, minimum=0.0, strict=True)
     check_reduction(reduction)
+
+
+def _affinity(student: Tensor, teacher: Tensor, distance: Distance, method: Method,
+              resize: Resize, chunk_size: int | None, eps: float,
+              reduction: Reduction) -> Tensor:
+    """:func:`affinity_loss` with its options already validated."""
+    check_feature_pair(student, teacher)
+    student, teacher = align_grids(student, teacher, resize)
+    ctx, (x_s, x_t) = full_precision(student, teacher)
+    with ctx:
+        x_s, x_t = x_s.flatten(2), x_t.flatten(2)
+        n = x_s.shape[-1]
+        if distance == "squared":  # N^2 sum_i ||A^s_i - A^t_i||^2 per image
+            total = squared_distance(x_s, x_t, eps=eps, method=method, chunk_size=chunk_size)
+            per_image = total / n**3
+        else:  # N ||A^s_i - A^t_i|| per image and row
+            rows = row_distances(x_s, x_t, eps=eps, method=method, chunk_size=chunk_size)
+            per_image = rows.mean(dim=1) / n
+        return reduce_loss(per_image, reduction)
 
 
 def affinity_loss(
@@ -198,28 +217,16 @@ def affinity_loss(
         >>> affinity_loss(teacher, teacher).abs().item() < 1e-6
         True
     """
-    check_feature_pair(student, teacher)
     _check_options(distance, method, resize, chunk_size, eps, reduction)
-    student, teacher = align_grids(student, teacher, resize)
-
-    ctx, (x_s, x_t) = full_precision(student, teacher)
-    with ctx:
-        x_s, x_t = x_s.flatten(2), x_t.flatten(2)
-        n = x_s.shape[-1]
-        if distance == "squared":  # N^2 sum_i ||A^s_i - A^t_i||^2 per image
-            total = squared_distance(x_s, x_t, eps=eps, method=method, chunk_size=chunk_size)
-            per_image = total / n**3
-        else:  # N ||A^s_i - A^t_i|| per image and row
-            rows = row_distances(x_s, x_t, eps=eps, method=method, chunk_size=chunk_size)
-            per_image = rows.mean(dim=1) / n
-        return reduce_loss(per_image, reduction)
+    return _affinity(student, teacher, distance, method, resize, chunk_size, eps, reduction)
 
 
 class AffinityLoss(nn.Module):
     r"""Affinity distillation loss of He et al. (CVPR 2019), as a module.
 
-    Stores the options of :func:`affinity_loss` and calls it in ``forward``;
-    see that function for the formula, the algorithm and the arguments.
+    Stores the options of :func:`affinity_loss`, validated once here, and
+    computes it in ``forward``; see that function for the formula, the
+    algorithm and the arguments.
 
     Args:
         distance: ``'l2'`` (the paper's) or ``'squared'``.
@@ -262,16 +269,8 @@ class AffinityLoss(nn.Module):
         self.reduction: Reduction = reduction
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        return affinity_loss(
-            student,
-            teacher,
-            distance=self.distance,
-            method=self.method,
-            resize=self.resize,
-            chunk_size=self.chunk_size,
-            eps=self.eps,
-            reduction=self.reduction,
-        )
+        return _affinity(student, teacher, self.distance, self.method, self.resize,
+                         self.chunk_size, self.eps, self.reduction)
 
     def extra_repr(self) -> str:
         chunk = "" if self.chunk_size is None else f", chunk_size={self.chunk_size}"

@@ -11,7 +11,7 @@ from segdistill._checks import (
     check_positive_int,
     check_real,
 )
-from segdistill._features import RESIZE_MODES, Resize, align_grids, full_precision
+from segdistill._features import Resize, align_grids, check_resize, full_precision
 from segdistill._reduction import Reduction, check_reduction, reduce_loss
 from segdistill.losses._gram import squared_distance
 from segdistill.losses.affinity import METHODS, Method
@@ -35,10 +35,26 @@ def _check_patch(patch_size: PatchSize) -> tuple[int, int] | None:
 def _check_options(patch_size: PatchSize, method: str, resize: str, eps: float,
                    reduction: str) -> tuple[int, int] | None:
     check_choice("method", method, METHODS)
-    check_choice("resize", resize, RESIZE_MODES)
+    check_resize(resize)
     check_real("eps", eps, minimum=0.0, strict=True)
     check_reduction(reduction)
     return _check_patch(patch_size)
+
+
+def _pairwise(student: Tensor, teacher: Tensor, patch: tuple[int, int] | None, method: Method,
+              resize: Resize, eps: float, reduction: Reduction) -> Tensor:
+    """:func:`pairwise_loss` with its options already validated."""
+    check_feature_pair(student, teacher)
+    student, teacher = align_grids(student, teacher, resize)
+    ctx, (x_s, x_t) = full_precision(student, teacher)
+    with ctx:
+        if patch is not None:
+            x_s = F.max_pool2d(x_s, patch, stride=patch, ceil_mode=True)
+            x_t = F.max_pool2d(x_t, patch, stride=patch, ceil_mode=True)
+        x_s, x_t = x_s.flatten(2), x_t.flatten(2)
+        # sum_ij (a^s_ij - a^t_ij)^2 per image
+        per_image = squared_distance(x_s, x_t, eps=eps, method=method) / x_s.shape[-1] ** 2
+        return reduce_loss(per_image, reduction)
 
 
 def pairwise_loss(
@@ -116,25 +132,16 @@ def pairwise_loss(
         >>> round(pairwise_loss(s, t, patch_size=2).item(), 4)
         0.0474
     """
-    check_feature_pair(student, teacher)
     patch = _check_options(patch_size, method, resize, eps, reduction)
-    student, teacher = align_grids(student, teacher, resize)
-    ctx, (x_s, x_t) = full_precision(student, teacher)
-    with ctx:
-        if patch is not None:
-            x_s = F.max_pool2d(x_s, patch, stride=patch, ceil_mode=True)
-            x_t = F.max_pool2d(x_t, patch, stride=patch, ceil_mode=True)
-        x_s, x_t = x_s.flatten(2), x_t.flatten(2)
-        # sum_ij (a^s_ij - a^t_ij)^2 per image
-        per_image = squared_distance(x_s, x_t, eps=eps, method=method) / x_s.shape[-1] ** 2
-        return reduce_loss(per_image, reduction)
+    return _pairwise(student, teacher, patch, method, resize, eps, reduction)
 
 
 class PairwiseLoss(nn.Module):
     r"""Pair-wise similarity distillation (Liu et al., CVPR 2019), as a module.
 
-    Stores the options of :func:`pairwise_loss` and calls it in ``forward``;
-    see that function for the formula and the arguments.
+    Stores the options of :func:`pairwise_loss`, validated once here, and
+    computes it in ``forward``; see that function for the formula and the
+    arguments.
 
     Args:
         patch_size: pool nodes from patches of this size (an int or an
@@ -170,8 +177,8 @@ class PairwiseLoss(nn.Module):
         self.reduction: Reduction = reduction
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        return pairwise_loss(student, teacher, patch_size=self.patch_size, method=self.method,
-                             resize=self.resize, eps=self.eps, reduction=self.reduction)
+        return _pairwise(student, teacher, self.patch_size, self.method, self.resize, self.eps,
+                         self.reduction)
 
     def extra_repr(self) -> str:
         return (f"patch_size={self.patch_size}, method={self.method!r}, "
