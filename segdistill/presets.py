@@ -18,7 +18,8 @@ optimiser is built.
 
 Example:
     >>> sorted(PRESETS)
-    ['attention_transfer', 'cwd', 'fitnet', 'kd', 'knowledge_adaptation', 'pairwise']
+    ['attention_transfer', 'cwd', 'dist', 'fitnet', 'kd', 'knowledge_adaptation', 'mgd',
+     'pairwise']
     >>> get_preset("kd") is kd
     True
 """
@@ -30,6 +31,7 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from segdistill._checks import check_real
@@ -41,8 +43,10 @@ from segdistill.losses.adaptation import AdaptationLoss
 from segdistill.losses.affinity import AffinityLoss
 from segdistill.losses.attention import AttentionTransferLoss
 from segdistill.losses.cwd import CWDLoss
+from segdistill.losses.dist import DISTLoss
 from segdistill.losses.fitnet import FitNetLoss
 from segdistill.losses.kd import KDLoss
+from segdistill.losses.mgd import MGDLoss
 from segdistill.losses.pairwise import PairwiseLoss
 from segdistill.translator import Translator
 from segdistill.wrapper import OUTPUT, DistillationTerm, DistillationWrapper
@@ -53,10 +57,12 @@ __all__ = [
     "Preset",
     "attention_transfer",
     "cwd",
+    "dist",
     "fitnet",
     "get_preset",
     "kd",
     "knowledge_adaptation",
+    "mgd",
     "pairwise",
     "register_preset",
 ]
@@ -427,17 +433,115 @@ def cwd(
     *,
     temperature: float = 4.0,
     weight: float = 3.0,
+    teacher_layer: FeatureLike | None = None,
+    student_layer: FeatureLike | None = None,
+    example_input: Any = None,
+    feature_weight: float = 50.0,
+    logits: bool = True,
     resize: Resize = "none",
     teacher_output: OutputSelector = None,
     student_output: OutputSelector = None,
 ) -> DistillationWrapper:
-    """Shu et al.'s channel-wise distillation on the logits (:class:`~segdistill.CWDLoss`),
-    with their temperature 4 and weight 3.
+    """Shu et al.'s channel-wise distillation (:class:`~segdistill.CWDLoss`) on the logits
+    and, with a layer pair, on intermediate features too.
+
+    On the logits (term ``'cwd'``) the weight is the authors' 3 at temperature 4;
+    on features (term ``'cwd_features'``, when ``teacher_layer`` and
+    ``student_layer`` are given) CIRKD's baseline scripts use weight 50 at the
+    same temperature. Where the channel counts differ, the student's map passes
+    through a bias-free 1x1 convolution onto the teacher's channels, trained
+    with the student (the connector mmrazor's configs put there; the CWD paper
+    distils maps of equal channels).
 
     Args:
         teacher: the trained teacher.
         student: the student.
-        temperature: :math:`T > 0`.
+        temperature: :math:`T > 0`, for both terms.
+        weight: the logit term's weight.
+        teacher_layer: the teacher's feature map for the feature term (a
+            :class:`~segdistill.FeatureSpec` with its channels, or a layer
+            path with ``example_input``), or ``None`` for logits only.
+        student_layer: the student's feature map, likewise.
+        example_input: one batch both models take, to read the channels.
+        feature_weight: the feature term's weight.
+        logits: include the logit term (``False``: features only).
+        resize: the grid rule of both terms; logits at other resolutions need
+            ``'teacher'`` or ``'student'``.
+        teacher_output: how to find the teacher's logits (see
+            :func:`~segdistill.hooks.select_output`).
+        student_output: how to find the student's logits.
+
+    Returns:
+        The wrapper, with the terms ``'cwd'`` and/or ``'cwd_features'``.
+
+    Raises:
+        ValueError: only one of the layers is given, neither term is asked
+            for, or a side's channels are neither in its spec nor read from
+            ``example_input``.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 5, 1))
+        >>> student = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 1))
+        >>> wrapper = cwd(teacher, student, teacher_layer="1", student_layer="1",
+        ...               example_input=torch.zeros(1, 3, 8, 8))
+        >>> sorted(wrapper(torch.randn(2, 3, 8, 8)).losses)
+        ['cwd', 'cwd_features']
+        >>> wrapper.terms["cwd_features"].student_adapter
+        Conv2d(4, 8, kernel_size=(1, 1), stride=(1, 1), bias=False)
+    """
+    if (teacher_layer is None) != (student_layer is None):
+        raise ValueError("cwd on features needs both teacher_layer and student_layer, got only "
+                         + ("teacher_layer" if student_layer is None else "student_layer"))
+    if not logits and teacher_layer is None:
+        raise ValueError("logits=False and no layers: nothing to distil; pass teacher_layer "
+                         "and student_layer for CWD on features")
+    terms: dict[str, DistillationTerm] = {}
+    if logits:
+        terms["cwd"] = DistillationTerm(CWDLoss(temperature=temperature, resize=resize),
+                                        student=OUTPUT, teacher=OUTPUT, weight=weight)
+    layers: tuple[dict[str, FeatureLike], dict[str, FeatureLike]] = ({}, {})
+    if teacher_layer is not None and student_layer is not None:
+        specs = _layer_specs("cwd", teacher, student, teacher_layer, student_layer,
+                             example_input, needs=("student", "teacher"))
+        c_s, c_t = _channels(specs["student"]), _channels(specs["teacher"])
+        terms["cwd_features"] = DistillationTerm(
+            CWDLoss(temperature=temperature, resize=resize), student=FEATURES, teacher=FEATURES,
+            weight=feature_weight,
+            student_adapter=None if c_s == c_t else nn.Conv2d(c_s, c_t, 1, bias=False))
+        layers = ({FEATURES: specs["teacher"]}, {FEATURES: specs["student"]})
+    return DistillationWrapper(teacher, student, terms, *layers, teacher_output=teacher_output,
+                               student_output=student_output)
+
+
+@register_preset("dist")
+def dist(
+    teacher: nn.Module,
+    student: nn.Module,
+    *,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temperature: float = 1.0,
+    weight: float = 1.0,
+    resize: Resize = "none",
+    teacher_output: OutputSelector = None,
+    student_output: OutputSelector = None,
+) -> DistillationWrapper:
+    r"""Huang et al.'s DIST on the logits (:class:`~segdistill.DISTLoss`), in the
+    segmentation form of their code (``hunto/DIST_KD``): :math:`\beta = \gamma = 1`,
+    :math:`\tau = 1`, term weight 1.
+
+    The intra-class term correlates every pixel of the batch, so the term is one
+    number per step (no ignore label, as in the reference). DIST_KD also puts
+    the loss, weighted 0.4, on the auxiliary head's logits; add a second term on
+    that output for it.
+
+    Args:
+        teacher: the trained teacher.
+        student: the student.
+        beta: the inter-class weight :math:`\beta`.
+        gamma: the intra-class weight :math:`\gamma`.
+        temperature: :math:`\tau > 0` (each term is scaled by :math:`\tau^2`).
         weight: the term's weight.
         resize: the grid rule; logits at other resolutions need ``'teacher'``
             or ``'student'``.
@@ -446,9 +550,64 @@ def cwd(
         student_output: how to find the student's logits.
 
     Returns:
-        The wrapper, with the term ``'cwd'``.
+        The wrapper, with the term ``'dist'``.
     """
-    term = DistillationTerm(CWDLoss(temperature=temperature, resize=resize), student=OUTPUT,
-                            teacher=OUTPUT, weight=weight)
-    return DistillationWrapper(teacher, student, {"cwd": term}, teacher_output=teacher_output,
+    term = DistillationTerm(
+        DISTLoss(beta=beta, gamma=gamma, temperature=temperature, resize=resize),
+        student=OUTPUT, teacher=OUTPUT, weight=weight,
+    )
+    return DistillationWrapper(teacher, student, {"dist": term}, teacher_output=teacher_output,
                                student_output=student_output)
+
+
+@register_preset("mgd")
+def mgd(
+    teacher: nn.Module,
+    student: nn.Module,
+    *,
+    teacher_layer: FeatureLike,
+    student_layer: FeatureLike,
+    example_input: Any = None,
+    weight: float = 2e-5,
+    mask_ratio: float = 0.75,
+    resize: Resize = "none",
+    rng: torch.Generator | None = None,
+) -> DistillationWrapper:
+    r"""Yang et al.'s masked generative distillation (:class:`~segdistill.MGDLoss`):
+    the student's feature, aligned by a 1x1 convolution where channels differ and
+    masked at random positions, rebuilds the teacher's through a generator; with
+    their segmentation weight :math:`\alpha = 2 \times 10^{-5}` and ratio 0.75.
+
+    The reference distils the last backbone stage (``backbone.layer4``: 512
+    channels on ResNet-18, 2048 on ResNet-101) and adds a CWD term on the
+    logits (temperature 4, weight 3), which this preset leaves to you.
+
+    Args:
+        teacher: the trained teacher.
+        student: the student.
+        teacher_layer: the teacher's feature: a :class:`~segdistill.FeatureSpec`
+            with its channels, or a layer path with ``example_input``.
+        student_layer: the student's feature, likewise.
+        example_input: one batch both models take, to read the channels.
+        weight: the term's weight :math:`\alpha`.
+        mask_ratio: :math:`\lambda \in [0, 1]`, the fraction of positions masked.
+        resize: the grid rule (``'teacher'`` upsamples the student's feature
+            onto the teacher's grid before masking).
+        rng: a ``torch.Generator`` on the features' device for reproducible
+            masks, or ``None``.
+
+    Returns:
+        The wrapper, with the term ``'mgd'``.
+
+    Raises:
+        ValueError: a side's channels are neither in its spec nor read from
+            ``example_input``.
+    """
+    specs = _layer_specs("mgd", teacher, student, teacher_layer, student_layer,
+                         example_input, needs=("student", "teacher"))
+    term = DistillationTerm(
+        MGDLoss(_channels(specs["student"]), _channels(specs["teacher"]), mask_ratio=mask_ratio,
+                resize=resize, rng=rng),
+        student=FEATURES, teacher=FEATURES, weight=weight,
+    )
+    return _on_layers(teacher, student, {"mgd": term}, specs["teacher"], specs["student"])

@@ -30,6 +30,7 @@ from examples.segmentation.config import (  # noqa: E402
     from_flags,
 )
 from examples.segmentation.data import cityscapes_train_ids, voc  # noqa: E402
+from examples.segmentation.methods import METHODS, TRANSLATOR_METHODS  # noqa: E402
 from examples.segmentation.models import STUDENTS, TEACHERS  # noqa: E402
 
 SMALL = ["--no-pretrained", "--crop", "32", "--batch-size", "2", "--teacher-steps", "2",
@@ -121,7 +122,7 @@ def test_every_stage_end_to_end(tmp_path, dataset, make, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["kd", "fitnet", "attention_transfer", "pairwise", "cwd"])
+@pytest.mark.parametrize("method", sorted(set(METHODS) - TRANSLATOR_METHODS))
 def test_baseline_methods(tmp_path, method):
     root, out = make_voc(tmp_path / "data"), tmp_path / "runs"
     args = ["--dataset", "voc", "--root", str(root), "--out", str(out), *SMALL]

@@ -154,3 +154,10 @@ def test_declared_feature_specs_match_the_networks(table, name, reading):
     image = torch.randn(2, 1 if name.startswith("digits") else 3, size, size)
     probed = probe_features(net, {"f": FeatureSpec(spec.layer)}, image)["f"]
     assert probed == spec
+
+
+def test_every_library_preset_is_a_pipeline_method():
+    from examples.segmentation.methods import METHODS, OPTIONS
+    from segdistill.presets import PRESETS
+
+    assert set(METHODS) == set(OPTIONS) == set(PRESETS)

@@ -17,11 +17,10 @@ from segdistill.hooks import FeatureHooks, probe_features
 
 
 def test_registry_holds_every_preset_by_its_library_name():
-    assert dict(presets.PRESETS) == {
-        "knowledge_adaptation": presets.knowledge_adaptation, "kd": presets.kd,
-        "fitnet": presets.fitnet, "attention_transfer": presets.attention_transfer,
-        "pairwise": presets.pairwise, "cwd": presets.cwd,
-    }
+    names = ["knowledge_adaptation", "kd", "fitnet", "attention_transfer", "pairwise", "cwd",
+             "dist", "mgd"]
+    assert dict(presets.PRESETS) == {name: getattr(presets, name) for name in names}
+    assert set(presets.__all__) >= set(names)
     with pytest.raises(TypeError):
         presets.PRESETS["mine"] = presets.kd  # type: ignore[index]  # read-only view
 
@@ -54,7 +53,7 @@ def test_the_wrapper_has_no_preset_shortcuts_and_imports_no_preset():
 
 def test_register_and_look_up_errors():
     with pytest.raises(ValueError, match=r"unknown preset 'paper'; the presets are "
-                                         r"'attention_transfer', 'cwd', 'fitnet', 'kd', "):
+                                         r"'attention_transfer', 'cwd', "):
         presets.get_preset("paper")
     with pytest.raises(ValueError, match=r"a preset named 'kd' is already registered "
                                          r"\(segdistill.presets.kd\)"):
@@ -156,3 +155,59 @@ def test_label_range_check_syncs_once_per_call_or_never(validate_args, expected)
     with _CountSyncs() as counter:
         wrapper(x, target=labels)
     assert counter.syncs == expected
+
+
+# ---- CWD on features -----------------------------------------------------------------------
+
+def test_cwd_on_features_equals_the_loss_through_its_connector():
+    from segdistill import cwd_loss
+
+    teacher, student = tiny_pair()
+    wrapper = presets.cwd(teacher, student, teacher_layer=FeatureSpec("relu", channels=12),
+                          student_layer=FeatureSpec("relu", channels=6), resize="teacher")
+    assert wrapper.terms["cwd_features"].weight == 50.0 and wrapper.terms["cwd"].weight == 3.0
+    connector = wrapper.terms["cwd_features"].student_adapter
+    assert {id(p) for p in connector.parameters()} <= {
+        id(p) for p in wrapper.trainable_parameters()}
+    x = torch.randn(2, 3, 16, 16)
+    out = wrapper(x)
+    with torch.no_grad():
+        phi_t = teacher.relu(teacher.body(teacher.act(teacher.stem(x))))
+    phi_s = student.relu(student.down(student.act(student.stem(x))))
+    expected = 50.0 * cwd_loss(connector(phi_s), phi_t, resize="teacher")
+    torch.testing.assert_close(out.losses["cwd_features"], expected)
+    only = presets.cwd(*tiny_pair(), teacher_layer=FeatureSpec("relu", channels=12),
+                       student_layer=FeatureSpec("relu", channels=6), logits=False,
+                       resize="teacher")
+    assert list(only.terms) == ["cwd_features"]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"teacher_layer": "relu"}, r"needs both teacher_layer and student_layer, got only "
+                                r"teacher_layer"),
+    ({"logits": False}, r"logits=False and no layers: nothing to distil"),
+    ({"teacher_layer": "relu", "student_layer": "relu"}, r"cwd needs the channels of "
+                                                        r"student_layer 'relu' and teacher_layer"),
+])
+def test_cwd_preset_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        presets.cwd(*tiny_pair(), **kwargs)
+
+
+def test_dist_and_mgd_presets():
+    from segdistill import dist_loss
+
+    teacher, student = tiny_pair()
+    wrapper = presets.dist(teacher, student, resize="teacher")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        t = teacher(x)
+    out = wrapper(x)
+    torch.testing.assert_close(out.losses["dist"], dist_loss(out.output, t, resize="teacher"))
+    mgd = presets.mgd(*tiny_pair(), teacher_layer=FeatureSpec("relu", channels=12),
+                      student_layer=FeatureSpec("relu", channels=6), resize="teacher",
+                      rng=torch.Generator().manual_seed(0))
+    loss = mgd.terms["mgd"].loss
+    assert mgd.terms["mgd"].weight == 2e-5
+    assert {id(p) for p in loss.parameters()} <= {id(p) for p in mgd.trainable_parameters()}
+    assert torch.isfinite(mgd(x).loss)

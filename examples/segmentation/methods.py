@@ -53,6 +53,9 @@ OPTIONS: dict[str, MethodOptions] = {
     # the teacher's map pooled onto the student's (smaller) grid: N x N stays small
     "pairwise": lambda run: {**_layers(run), "resize": "student"},
     "cwd": lambda run: {},
+    "dist": lambda run: {},
+    # the student's map upsampled onto the teacher's grid before it is masked
+    "mgd": lambda run: {**_layers(run), "resize": "teacher"},
 }
 """Each method's preset options, by the preset's registry name."""
 

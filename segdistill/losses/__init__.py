@@ -8,8 +8,10 @@ from segdistill.losses.attention import (
     attention_transfer_loss,
 )
 from segdistill.losses.cwd import CWDLoss, cwd_loss
+from segdistill.losses.dist import DISTLoss, dist_loss
 from segdistill.losses.fitnet import FitNetLoss, fitnet_loss
 from segdistill.losses.kd import KDLoss, kd_loss
+from segdistill.losses.mgd import MGDLoss, mgd_loss
 from segdistill.losses.pairwise import PairwiseLoss, pairwise_loss
 from segdistill.losses.reconstruction import ReconstructionLoss, reconstruction_loss
 
@@ -18,8 +20,10 @@ __all__ = [
     "AffinityLoss",
     "AttentionTransferLoss",
     "CWDLoss",
+    "DISTLoss",
     "FitNetLoss",
     "KDLoss",
+    "MGDLoss",
     "PairwiseLoss",
     "ReconstructionLoss",
     "adaptation_loss",
@@ -28,8 +32,10 @@ __all__ = [
     "attention_map",
     "attention_transfer_loss",
     "cwd_loss",
+    "dist_loss",
     "fitnet_loss",
     "kd_loss",
+    "mgd_loss",
     "pairwise_loss",
     "reconstruction_loss",
 ]
