@@ -18,8 +18,8 @@ optimiser is built.
 
 Example:
     >>> sorted(PRESETS)
-    ['attention_transfer', 'cwd', 'dist', 'fitnet', 'kd', 'knowledge_adaptation', 'mgd',
-     'pairwise']
+    ['attention_transfer', 'cwd', 'dist', 'fitnet', 'ifvd', 'kd', 'knowledge_adaptation',
+     'mgd', 'pairwise']
     >>> get_preset("kd") is kd
     True
 """
@@ -45,6 +45,7 @@ from segdistill.losses.attention import AttentionTransferLoss
 from segdistill.losses.cwd import CWDLoss
 from segdistill.losses.dist import DISTLoss
 from segdistill.losses.fitnet import FitNetLoss
+from segdistill.losses.ifvd import IFVDLoss
 from segdistill.losses.kd import KDLoss
 from segdistill.losses.mgd import MGDLoss
 from segdistill.losses.pairwise import PairwiseLoss
@@ -60,6 +61,7 @@ __all__ = [
     "dist",
     "fitnet",
     "get_preset",
+    "ifvd",
     "kd",
     "knowledge_adaptation",
     "mgd",
@@ -611,3 +613,48 @@ def mgd(
         student=FEATURES, teacher=FEATURES, weight=weight,
     )
     return _on_layers(teacher, student, {"mgd": term}, specs["teacher"], specs["student"])
+
+
+@register_preset("ifvd")
+def ifvd(
+    teacher: nn.Module,
+    student: nn.Module,
+    *,
+    teacher_layer: FeatureLike,
+    student_layer: FeatureLike,
+    num_classes: int,
+    weight: float = 20.0,
+    ignore_index: int | None = 255,
+    resize: Resize = "none",
+    validate_args: bool = True,
+) -> DistillationWrapper:
+    """Wang et al.'s intra-class feature variation distillation
+    (:class:`~segdistill.IFVDLoss`), with the weight 20 of CIRKD's scripts.
+
+    Pass the labels as ``target`` to the wrapper: the class prototypes are the
+    means of each class's features, so the term needs them every step. They
+    follow the one label rule (any grid, nearest-resized onto the feature grid;
+    values in ``[0, num_classes)`` or ``ignore_index``).
+
+    Args:
+        teacher: the trained teacher.
+        student: the student.
+        teacher_layer: layer path (or spec) on the teacher; CIRKD takes the
+            last feature map before the classifier.
+        student_layer: layer path (or spec) on the student (any channel count).
+        num_classes: the number of classes the labels hold.
+        weight: the term's weight.
+        ignore_index: the label to leave out, or ``None``.
+        resize: the grid rule (``'student'`` or ``'teacher'`` for maps at
+            different output strides).
+        validate_args: check the label values every step (one host sync).
+
+    Returns:
+        The wrapper, with the term ``'ifvd'``.
+    """
+    term = DistillationTerm(
+        IFVDLoss(num_classes, ignore_index=ignore_index, resize=resize,
+                 validate_args=validate_args),
+        student=FEATURES, teacher=FEATURES, weight=weight, uses_target=True,
+    )
+    return _on_layers(teacher, student, {"ifvd": term}, teacher_layer, student_layer)

@@ -18,7 +18,7 @@ from segdistill.hooks import FeatureHooks, probe_features
 
 def test_registry_holds_every_preset_by_its_library_name():
     names = ["knowledge_adaptation", "kd", "fitnet", "attention_transfer", "pairwise", "cwd",
-             "dist", "mgd"]
+             "dist", "mgd", "ifvd"]
     assert dict(presets.PRESETS) == {name: getattr(presets, name) for name in names}
     assert set(presets.__all__) >= set(names)
     with pytest.raises(TypeError):
@@ -211,3 +211,19 @@ def test_dist_and_mgd_presets():
     assert mgd.terms["mgd"].weight == 2e-5
     assert {id(p) for p in loss.parameters()} <= {id(p) for p in mgd.trainable_parameters()}
     assert torch.isfinite(mgd(x).loss)
+
+
+def test_ifvd_preset_passes_the_labels():
+    from segdistill import ifvd_loss
+
+    teacher, student = tiny_pair()
+    wrapper = presets.ifvd(teacher, student, teacher_layer="relu", student_layer="relu",
+                           num_classes=5, resize="student")
+    x, labels = torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2, 16, 16))
+    labels[:, :4] = 255
+    out = wrapper(x, target=labels)
+    with torch.no_grad():
+        phi_t = teacher.relu(teacher.body(teacher.act(teacher.stem(x))))
+    phi_s = student.relu(student.down(student.act(student.stem(x))))
+    expected = 20.0 * ifvd_loss(phi_s, phi_t, labels, num_classes=5, resize="student")
+    torch.testing.assert_close(out.losses["ifvd"], expected)

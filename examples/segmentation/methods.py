@@ -54,6 +54,9 @@ OPTIONS: dict[str, MethodOptions] = {
     "pairwise": lambda run: {**_layers(run), "resize": "student"},
     "cwd": lambda run: {},
     "dist": lambda run: {},
+    # the teacher's map onto the student's grid: the prototypes are per image
+    "ifvd": lambda run: {**_layers(run), "num_classes": run.config.num_classes,
+                         "ignore_index": IGNORE_INDEX, "resize": "student"},
     # the student's map upsampled onto the teacher's grid before it is masked
     "mgd": lambda run: {**_layers(run), "resize": "teacher"},
 }

@@ -7,9 +7,11 @@ from segdistill.losses.attention import (
     attention_map,
     attention_transfer_loss,
 )
+from segdistill.losses.cirkd_memory import CIRKDMemory, memory_contrast_loss
 from segdistill.losses.cwd import CWDLoss, cwd_loss
 from segdistill.losses.dist import DISTLoss, dist_loss
 from segdistill.losses.fitnet import FitNetLoss, fitnet_loss
+from segdistill.losses.ifvd import IFVDLoss, ifvd_loss
 from segdistill.losses.kd import KDLoss, kd_loss
 from segdistill.losses.mgd import MGDLoss, mgd_loss
 from segdistill.losses.pairwise import PairwiseLoss, pairwise_loss
@@ -19,9 +21,11 @@ __all__ = [
     "AdaptationLoss",
     "AffinityLoss",
     "AttentionTransferLoss",
+    "CIRKDMemory",
     "CWDLoss",
     "DISTLoss",
     "FitNetLoss",
+    "IFVDLoss",
     "KDLoss",
     "MGDLoss",
     "PairwiseLoss",
@@ -34,7 +38,9 @@ __all__ = [
     "cwd_loss",
     "dist_loss",
     "fitnet_loss",
+    "ifvd_loss",
     "kd_loss",
+    "memory_contrast_loss",
     "mgd_loss",
     "pairwise_loss",
     "reconstruction_loss",
