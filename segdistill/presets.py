@@ -18,8 +18,8 @@ optimiser is built.
 
 Example:
     >>> sorted(PRESETS)
-    ['attention_transfer', 'cwd', 'dist', 'fitnet', 'ifvd', 'kd', 'knowledge_adaptation',
-     'mgd', 'pairwise']
+    ['attention_transfer', 'cwd', 'dist', 'fitnet', 'holistic', 'ifvd', 'kd',
+     'knowledge_adaptation', 'mgd', 'pairwise']
     >>> get_preset("kd") is kd
     True
 """
@@ -45,6 +45,7 @@ from segdistill.losses.attention import AttentionTransferLoss
 from segdistill.losses.cwd import CWDLoss
 from segdistill.losses.dist import DISTLoss
 from segdistill.losses.fitnet import FitNetLoss
+from segdistill.losses.holistic import HolisticLoss
 from segdistill.losses.ifvd import IFVDLoss
 from segdistill.losses.kd import KDLoss
 from segdistill.losses.mgd import MGDLoss
@@ -61,6 +62,7 @@ __all__ = [
     "dist",
     "fitnet",
     "get_preset",
+    "holistic",
     "ifvd",
     "kd",
     "knowledge_adaptation",
@@ -658,3 +660,56 @@ def ifvd(
         student=FEATURES, teacher=FEATURES, weight=weight, uses_target=True,
     )
     return _on_layers(teacher, student, {"ifvd": term}, teacher_layer, student_layer)
+
+
+@register_preset("holistic")
+def holistic(
+    teacher: nn.Module,
+    student: nn.Module,
+    *,
+    num_classes: int,
+    weight: float = 0.001,
+    discriminator_weight: float = 0.1,
+    image_channels: int = 0,
+    width: int = 64,
+    resize: Resize = "none",
+    teacher_output: OutputSelector = None,
+    student_output: OutputSelector = None,
+) -> DistillationWrapper:
+    """SKD's holistic term (Liu et al., CVPR 2019; :class:`~segdistill.HolisticLoss`): a
+    discriminator on the logits trained against the teacher's, with CIRKD's weights, 0.001
+    on the student's term and 0.1 on the discriminator's hinge loss.
+
+    The discriminator needs an optimiser of its own: build it on
+    :meth:`~segdistill.DistillationWrapper.separately_optimized_parameters` (which
+    :meth:`~segdistill.DistillationWrapper.trainable_parameters` leaves out) with
+    :func:`~segdistill.discriminator_optimizer` (Adam, 4e-4, betas (0.9, 0.99)), and
+    step it beside the student's after the same backward: in training mode the
+    wrapper attaches the discriminator's loss to the term (with value 0), so that one
+    backward trains both. The discriminator takes logits of at least 64 x 64.
+
+    Args:
+        teacher: the trained teacher.
+        student: the student.
+        num_classes: the logits' classes.
+        weight: the student's term's weight (CIRKD's ``--lambda-adv``).
+        discriminator_weight: the discriminator loss's (CIRKD's ``--lambda-d``).
+        image_channels: 0 for the reference code's discriminator on the logits
+            alone, 3 for the paper's, conditioned on the input images (the
+            wrapper's inputs must then be the image batch).
+        width: the discriminator's width (the reference's 64).
+        resize: the grid rule between the two logits.
+        teacher_output: how to find the teacher's logits (see
+            :func:`~segdistill.hooks.select_output`).
+        student_output: how to find the student's logits.
+
+    Returns:
+        The wrapper, with the term ``'holistic'``.
+    """
+    term = DistillationTerm(
+        HolisticLoss(num_classes, image_channels=image_channels, width=width,
+                     discriminator_weight=discriminator_weight, resize=resize),
+        student=OUTPUT, teacher=OUTPUT, weight=weight, uses_inputs=image_channels > 0,
+    )
+    return DistillationWrapper(teacher, student, {"holistic": term},
+                               teacher_output=teacher_output, student_output=student_output)

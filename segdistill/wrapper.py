@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -12,11 +12,29 @@ from torch import Tensor, nn
 from segdistill._checks import check_real
 from segdistill.feature_spec import FeatureLike, FeatureSpec
 from segdistill.hooks import FeatureHooks, OutputSelector, select_output, take_feature, unwrap_model
+from segdistill.losses.holistic import attach_discriminator_loss
 
-__all__ = ["OUTPUT", "DistillationOutput", "DistillationTerm", "DistillationWrapper"]
+__all__ = ["OUTPUT", "AdversarialLoss", "DistillationOutput", "DistillationTerm",
+           "DistillationWrapper"]
 
 OUTPUT = "output"
 """The feature name that stands for a model's output (its logits) in a term."""
+
+
+@runtime_checkable
+class AdversarialLoss(Protocol):
+    """A term's loss that trains a network of its own (a discriminator) against the
+    student, e.g. :class:`~segdistill.HolisticLoss`.
+
+    Its parameters go to an optimiser of their own
+    (:meth:`DistillationWrapper.separately_optimized_parameters`), never the student's;
+    in a training step the wrapper attaches its ``discriminator_loss`` (called with the
+    term's arguments) to the term's value, so the loop's one backward trains it too.
+    """
+
+    def separately_optimized_parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def discriminator_loss(self, *args: Any, **kwargs: Any) -> Tensor: ...
 
 
 class DistillationOutput(NamedTuple):
@@ -75,6 +93,9 @@ class DistillationTerm(nn.Module):
         teacher_transform: a frozen module applied to the teacher's feature.
         uses_target: pass the labels given to the wrapper on to the loss, as
             ``loss(student, teacher, target)``.
+        uses_inputs: pass the wrapper's inputs (the image batch) on to the loss,
+            as the keyword ``images=`` (the conditional discriminator of
+            :class:`~segdistill.HolisticLoss`).
 
     Raises:
         TypeError: ``loss``, ``student_adapter`` or ``teacher_transform`` is not
@@ -101,6 +122,7 @@ class DistillationTerm(nn.Module):
         student_adapter: nn.Module | None = None,
         teacher_transform: nn.Module | None = None,
         uses_target: bool = False,
+        uses_inputs: bool = False,
     ) -> None:
         super().__init__()
         for name, module in (("loss", loss), ("student_adapter", student_adapter),
@@ -118,6 +140,7 @@ class DistillationTerm(nn.Module):
         self.student_adapter = student_adapter
         self.teacher_transform = teacher_transform
         self.uses_target = bool(uses_target)
+        self.uses_inputs = bool(uses_inputs)
 
     def extra_repr(self) -> str:
         return f"student={self.student!r}, teacher={self.teacher!r}, weight={self.weight}"
@@ -258,10 +281,13 @@ class DistillationWrapper(nn.Module):
         """What the optimiser gets: the student's parameters, the adapters' and the losses'.
 
         The teacher and the teacher-side transforms are excluded, and so is any
-        parameter the user froze (``requires_grad=False``).
+        parameter the user froze (``requires_grad=False``) and any that a term's
+        :class:`AdversarialLoss` trains with an optimiser of its own
+        (:meth:`separately_optimized_parameters`).
         """
         seen: set[int] = set()
-        frozen = {id(p) for m in self._frozen_transforms() for p in m.parameters()}
+        excluded = {id(p) for m in self._frozen_transforms() for p in m.parameters()}
+        excluded |= {id(p) for p in self.separately_optimized_parameters()}  # their own optimiser
         modules: list[nn.Module] = [self.student]
         for _, term in self._terms():
             modules.append(term.loss)
@@ -269,9 +295,23 @@ class DistillationWrapper(nn.Module):
                 modules.append(term.student_adapter)
         for module in modules:
             for p in module.parameters():
-                if p.requires_grad and id(p) not in seen and id(p) not in frozen:
+                if p.requires_grad and id(p) not in seen and id(p) not in excluded:
                     seen.add(id(p))
                     yield p
+
+    def separately_optimized_parameters(self) -> Iterator[nn.Parameter]:
+        """What a second optimiser gets: the parameters of the terms' adversaries (an
+        :class:`AdversarialLoss`'s discriminator), which :meth:`trainable_parameters`
+        leaves out. For :class:`~segdistill.HolisticLoss`, Adam at 4e-4 with betas
+        (0.9, 0.99) (:func:`~segdistill.discriminator_optimizer`); step it with the
+        student's optimiser, after the same backward."""
+        seen: set[int] = set()
+        for _, term in self._terms():
+            if isinstance(term.loss, AdversarialLoss):
+                for p in term.loss.separately_optimized_parameters():
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        yield p
 
     def export_student(self) -> nn.Module:
         """A copy of the plain student, with no hooks and no adapters, for deployment.
@@ -316,7 +356,7 @@ class DistillationWrapper(nn.Module):
             student_out = self.student(inputs)
             student_feats = self._captured(self._student_hooks, student_out,
                                            self.student_output, "student")
-            losses = self._evaluate_terms(student_feats, teacher_feats, target)
+            losses = self._evaluate_terms(student_feats, teacher_feats, target, inputs)
         finally:
             # a step that raised must not keep activations alive either
             self._teacher_hooks.clear()
@@ -337,7 +377,7 @@ class DistillationWrapper(nn.Module):
 
     def _evaluate_terms(
         self, student_feats: dict[str, Tensor], teacher_feats: dict[str, Tensor],
-        target: Tensor | None,
+        target: Tensor | None, inputs: Any,
     ) -> dict[str, Tensor]:
         transformed: dict[tuple[str, int], Tensor] = {}
         losses: dict[str, Tensor] = {}
@@ -359,11 +399,18 @@ class DistillationWrapper(nn.Module):
             if term.student_adapter is not None:
                 s = term.student_adapter(s)
             args = (s, t, target) if term.uses_target else (s, t)
+            kwargs = {"images": inputs} if term.uses_inputs else {}
             try:
-                value = term.loss(*args)
+                value = term.weight * term.loss(*args, **kwargs)
+                # an adversary trains in the same backward: its loss is attached with
+                # value 0, so losses[name] and the loop's total stay the student's
+                if (isinstance(term.loss, AdversarialLoss) and self.training
+                        and torch.is_grad_enabled()):
+                    value = attach_discriminator_loss(
+                        value, term.loss.discriminator_loss(*args, **kwargs))
             except (TypeError, ValueError) as error:  # name the term the user configured
                 raise type(error)(f"term {name!r}: {error}") from error
-            losses[name] = term.weight * value
+            losses[name] = value
         return losses
 
     def _feature(self, side: str, features: dict[str, Tensor], name: str) -> Tensor:

@@ -157,7 +157,8 @@ def test_declared_feature_specs_match_the_networks(table, name, reading):
 
 
 def test_every_library_preset_is_a_pipeline_method():
-    from examples.segmentation.methods import METHODS, OPTIONS
+    from examples.segmentation.methods import METHODS, NOT_YET, OPTIONS
     from segdistill.presets import PRESETS
 
-    assert set(METHODS) == set(OPTIONS) == set(PRESETS)
+    assert set(METHODS) == set(OPTIONS) == set(PRESETS) - set(NOT_YET)
+    assert set(NOT_YET) <= set(PRESETS)

@@ -18,7 +18,7 @@ from segdistill.hooks import FeatureHooks, probe_features
 
 def test_registry_holds_every_preset_by_its_library_name():
     names = ["knowledge_adaptation", "kd", "fitnet", "attention_transfer", "pairwise", "cwd",
-             "dist", "mgd", "ifvd"]
+             "dist", "mgd", "ifvd", "holistic"]
     assert dict(presets.PRESETS) == {name: getattr(presets, name) for name in names}
     assert set(presets.__all__) >= set(names)
     with pytest.raises(TypeError):

@@ -11,6 +11,14 @@ from segdistill.losses.cirkd_memory import CIRKDMemory, memory_contrast_loss
 from segdistill.losses.cwd import CWDLoss, cwd_loss
 from segdistill.losses.dist import DISTLoss, dist_loss
 from segdistill.losses.fitnet import FitNetLoss, fitnet_loss
+from segdistill.losses.holistic import (
+    Discriminator,
+    HolisticLoss,
+    attach_discriminator_loss,
+    discriminator_optimizer,
+    holistic_discriminator_loss,
+    holistic_generator_loss,
+)
 from segdistill.losses.ifvd import IFVDLoss, ifvd_loss
 from segdistill.losses.kd import KDLoss, kd_loss
 from segdistill.losses.mgd import MGDLoss, mgd_loss
@@ -24,7 +32,9 @@ __all__ = [
     "CIRKDMemory",
     "CWDLoss",
     "DISTLoss",
+    "Discriminator",
     "FitNetLoss",
+    "HolisticLoss",
     "IFVDLoss",
     "KDLoss",
     "MGDLoss",
@@ -33,11 +43,15 @@ __all__ = [
     "adaptation_loss",
     "affinity_loss",
     "affinity_matrix",
+    "attach_discriminator_loss",
     "attention_map",
     "attention_transfer_loss",
     "cwd_loss",
+    "discriminator_optimizer",
     "dist_loss",
     "fitnet_loss",
+    "holistic_discriminator_loss",
+    "holistic_generator_loss",
     "ifvd_loss",
     "kd_loss",
     "memory_contrast_loss",
