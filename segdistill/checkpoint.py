@@ -15,9 +15,12 @@ __all__ = ["load_checkpoint", "save_checkpoint"]
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``state`` to ``path`` atomically.
 
-    The state goes to a temporary file in the same directory, which is flushed
-    to disk and then renamed over ``path``: a crash mid-write leaves the
-    previous checkpoint intact, never a truncated one.
+    The state goes to a temporary file in the same directory
+    (``.<name>.<pid>.<random>.tmp``: the writer's process id tells a killed
+    writer's leftovers from a live one's), which is flushed to disk, renamed
+    over ``path``, and the directory is flushed too, so the rename itself
+    survives a power cut: a crash mid-write leaves the previous checkpoint
+    intact, never a truncated one.
 
     Args:
         state: tensors, state dicts, numbers, strings and containers of them,
@@ -27,22 +30,61 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path
 
     Returns:
         The path written.
+
+    Raises:
+        TypeError: ``state`` is not a dict.
+        OSError: the write failed (a full disk, a quota, a read-only folder);
+            the message says what happened, while saving which path, and that
+            the previous file there is intact (the temporary file is removed).
+        RuntimeError: ``torch.save`` failed otherwise; the message says so likewise.
     """
     if not isinstance(state, dict):
         raise TypeError(f"expected the checkpoint state to be a dict, got {type(state).__name__}")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp",
+                               dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except Exception as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise _save_error(error, target) from error
+    except BaseException:  # KeyboardInterrupt, SystemExit: as they are
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_folder(target.parent)
     return target
+
+
+def _save_error(error: Exception, target: Path) -> Exception:
+    """What went wrong while writing ``target``, from the first ``OSError`` in the chain:
+    torch's writer reports a full disk as ``RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos``, the ``OSError`` that says why only under it."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    kept = ("the previous checkpoint is intact" if target.exists()
+            else "nothing was written there")
+    if not isinstance(cause, OSError):
+        return RuntimeError(f"{type(error).__name__}: {error} while saving {target}; {kept}")
+    what = cause.strerror[0].lower() + cause.strerror[1:] if cause.strerror else str(cause)
+    message = f"{what} while saving {target}; {kept}"
+    return OSError(message) if cause.errno is None else OSError(cause.errno, message)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk, where the system allows it."""
+    if os.name != "posix":  # pragma: no cover - Windows cannot open a folder to fsync it
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(

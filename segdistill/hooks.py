@@ -80,7 +80,14 @@ def resolve_module(model: nn.Module, path: str, shown: str | None = None) -> nn.
         shown: the layer path as the user wrote it, for the message (default ``path``).
 
     Raises:
-        ValueError: no such submodule; the message lists the closest valid paths.
+        ValueError: no such submodule; the message lists the closest valid paths (or,
+            when none is close, the children of the deepest module the path reaches).
+
+    Example:
+        >>> resolve_module(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()), "layer4.relu")
+        Traceback (most recent call last):
+            ...
+        ValueError: Sequential has no submodule 'layer4.relu'; closest valid paths: '0', '1'
     """
     inner = unwrap_model(model)
     try:
@@ -88,15 +95,31 @@ def resolve_module(model: nn.Module, path: str, shown: str | None = None) -> nn.
     except AttributeError:
         pass
     names = [name for name, _ in inner.named_modules() if name]
-    close = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
-    if not close:  # fall back to the paths that share the longest prefix
-        parent = path.rsplit(".", 1)[0] if "." in path else ""
-        close = [n for n in names if n.startswith(parent)][:5] if parent else names[:5]
+    close = difflib.get_close_matches(path, names, n=5, cutoff=0.5) or _children_on_the_way(
+        inner, path)
     raise ValueError(
         f"{type(model).__name__} has no submodule {path!r}"
         + ("" if shown is None or shown == path else f" (in layer path {shown!r})")
         + f"; closest valid paths: {', '.join(repr(n) for n in close)}"
     )
+
+
+def _children_on_the_way(model: nn.Module, path: str, n: int = 5) -> list[str]:
+    """The paths of the first ``n`` children of the deepest module that ``path`` reaches
+    (the model's own, when its first part is wrong); a leaf's: its parent's children."""
+    reached, module, parts = "", model, path.split(".")
+    for part in parts[:-1]:
+        child = module._modules.get(part)
+        if child is None:
+            break
+        reached, module = f"{reached}.{part}" if reached else part, child
+    prefix = f"{reached}." if reached else ""
+    children = [prefix + name for name in module._modules]
+    if not children and reached:  # a leaf: its siblings
+        parent = reached.rpartition(".")[0]
+        owner = model.get_submodule(parent)
+        children = [f"{parent}.{name}" if parent else name for name in owner._modules]
+    return children[:n]
 
 
 def _describe(value: Any) -> str:
@@ -115,7 +138,17 @@ def _describe(value: Any) -> str:
 
 
 def _index(value: Any, selector: Selector, what: str) -> Any:
-    """One indexing step into a structured value, with an error that shows what is there."""
+    """One indexing step into a structured value, with an error that shows what is there.
+
+    A tensor takes no selector: a string one would read a tensor attribute (``'T'``,
+    ``'mT'``, ``'H'``, ``'real'``, ``'data'``), an int one a slice, neither of which is
+    picking an output. Other objects (a Hugging Face ``ModelOutput`` outside a mapping,
+    a dataclass) give their tensor attributes.
+    """
+    if isinstance(value, Tensor):
+        raise ValueError(f"{what} is a tensor, {_describe(value)}, which takes no selector: "
+                         f"{selector!r} would not pick an element of a tuple, a list, a mapping "
+                         "or an output object, as selectors do; drop it")
     if isinstance(value, Mapping):
         if selector in value:
             return value[selector]

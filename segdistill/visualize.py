@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segdistill._checks import check_positive_int
+from segdistill._checks import check_feature_map, check_positive_int
 
 __all__ = ["pixel_affinity"]
 
@@ -36,7 +36,10 @@ def pixel_affinity(features: Tensor, pixel: tuple[int, int], image_size: Sequenc
         (h, w) cosines in [-1, 1], detached, on the features' device.
 
     Raises:
-        ValueError: ``features`` is not 4-D, or ``pixel`` lies outside ``image_size``.
+        TypeError: ``features`` is not a floating-point tensor (a complex one
+            among others: its cosine is not the real part's).
+        ValueError: ``features`` is not 4-D or is empty (no image, a zero-height
+            or zero-width map, no channel), or ``pixel`` lies outside ``image_size``.
 
     Example:
         >>> features = torch.zeros(1, 2, 2, 2)
@@ -46,8 +49,9 @@ def pixel_affinity(features: Tensor, pixel: tuple[int, int], image_size: Sequenc
         tensor([[1., 0.],
                 [1., 0.]])
     """
-    if features.dim() != 4:
+    if isinstance(features, Tensor) and features.dim() != 4:
         raise ValueError(f"expected features of shape (1, C, h, w), got {tuple(features.shape)}")
+    check_feature_map(features, "features")
     height, width = (check_positive_int("image_size", int(s)) for s in image_size)
     if not (0 <= pixel[0] < height and 0 <= pixel[1] < width):
         raise ValueError(f"pixel {tuple(pixel)} lies outside an image of size {(height, width)}")

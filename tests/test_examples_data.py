@@ -5,6 +5,7 @@ classes, 16-bit values, RGB labels, unreadable files)."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from examples.segmentation.data import (  # noqa: E402
     PASCAL_CONTEXT_CLASSES,
     LabelRule,
     SegmentationFiles,
+    cityscapes,
     cityscapes_train_ids,
     pascal_context,
     voc,
@@ -270,3 +272,28 @@ def test_label_rule_arguments():
         LabelRule(255, "reduce_zero")
     with pytest.raises(TypeError, match="num_classes"):
         SegmentationFiles([(Path("a.jpg"), Path("a.png"))], False, 16)  # type: ignore[call-arg]
+
+
+def test_an_empty_split_names_its_file(tmp_path):
+    root, _ = make_voc(tmp_path)
+    listing = root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
+    listing.write_text("\n  \n")
+    with pytest.raises(ValueError, match=rf"the val list {re.escape(str(listing))} is empty"):
+        voc(root, "val", train=False, crop=16)
+    (tmp_path / "leftImg8bit" / "val").mkdir(parents=True)
+    (tmp_path / "gtFine" / "val").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"the Cityscapes val split is empty: no "
+                                         r"<city>/<name>_leftImg8bit.png under .*leftImg8bit/val"):
+        cityscapes(tmp_path, "val", train=False, crop=16)
+
+
+@pytest.mark.parametrize("bad", ["../../../../outside/x", "a/../../x", "/tmp/x"])
+def test_split_ids_outside_the_root_are_refused(tmp_path, bad):
+    root, ids = make_voc(tmp_path / "data")
+    listing = root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
+    listing.write_text("\n".join([*ids, bad]) + "\n")
+    with pytest.raises(ValueError, match=rf"the val list {re.escape(str(listing))} has 1 ids "
+                                         r"that lead out of the dataset's folders "
+                                         rf"\({re.escape(repr(bad))}\); expected ids relative "
+                                         r"to .*JPEGImages"):
+        voc(root, "val", train=False, crop=16)

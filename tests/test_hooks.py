@@ -199,3 +199,30 @@ def test_feature_shapes_restores_modes_and_removes_hooks():
     assert all(not m._forward_hooks for m in model.modules())
     assert "output" not in feature_shapes(model, ["1"], torch.randn(1, 3, 8, 8),
                                           with_output=False)
+
+
+@pytest.mark.parametrize("path,match", [
+    ("layer4.relu", r"no submodule 'layer4.relu'; closest valid paths: '0', '1'$"),  # children
+    ("1.0.weight", r"no submodule '1.0.weight'; closest valid paths: '1.0', '1.1'"),  # a leaf's
+])
+def test_a_path_typo_lists_real_children(path, match):
+    with pytest.raises(ValueError, match=match):
+        FeatureHooks(_model(), [path])
+
+
+@pytest.mark.parametrize("selector", ["mT", "T", "H", "real", "data", 0])
+def test_a_selector_on_a_tensor_output_is_refused(selector):
+    model = _model()
+    hooks = FeatureHooks(model, [f"1[{selector!r}]"], owner="student")
+    model(torch.randn(1, 3, 6, 7))
+    with pytest.raises(ValueError, match=r"the student's layer .* is a tensor, Tensor\(1, 2, 4, "
+                                         r"5\), which takes no selector: .* drop it"):
+        hooks.pop()
+    with pytest.raises(ValueError, match=r"the model's output is a tensor"):
+        select_output(torch.zeros(1, 2, 3, 3), selector)
+
+
+def test_selectors_still_read_output_objects_and_mappings():
+    t = torch.zeros(1, 2, 3, 3)
+    assert select_output(_WithLogits(t), "logits") is t  # a ModelOutput-like object
+    assert select_output({"logits": t}, "logits") is t  # a ModelOutput is a mapping

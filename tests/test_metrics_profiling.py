@@ -86,3 +86,16 @@ def test_pixel_affinity_errors():
         pixel_affinity(torch.zeros(5, 3), (0, 0), (4, 4))
     with pytest.raises(ValueError, match=r"pixel \(4, 0\) lies outside an image of size \(4, 4\)"):
         pixel_affinity(torch.zeros(1, 2, 2, 2), (4, 0), (4, 4))
+
+
+@pytest.mark.parametrize("features,error,match", [
+    (torch.zeros(0, 2, 2, 2), ValueError, r"expected features to be non-empty, got shape "
+                                          r"\(0, 2, 2, 2\)"),
+    (torch.zeros(1, 2, 0, 2), ValueError, r"non-empty, got shape \(1, 2, 0, 2\)"),
+    (torch.zeros(1, 2, 2, 2, dtype=torch.complex64), TypeError,
+     r"expected features to have a floating-point dtype, got torch.complex64"),
+    ([[1.0]], TypeError, r"expected features to be a torch.Tensor, got list"),
+])
+def test_pixel_affinity_validates_like_the_losses(features, error, match):
+    with pytest.raises(error, match=match):
+        pixel_affinity(features, (0, 0), (4, 4))

@@ -52,7 +52,10 @@ def parser() -> argparse.ArgumentParser:
                    default=list(get_args(export.Format)),
                    help="what 'export' writes (default: all; onnx needs the export extra)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--resume", action="store_true", help="continue from the stage's checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the stage's checkpoint, exactly; refused when a flag of "
+                   "the stage differs from the checkpoint's, but those examples/README.md lists "
+                   "as free (--log-every, --checkpoint-every, --threads, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--pixel", type=int, nargs=2, metavar=("ROW", "COL"),
                    help="the pixel whose affinity map 'visualize' draws (default: the middle "

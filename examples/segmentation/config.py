@@ -141,6 +141,35 @@ class PipelineConfig:
         return replace(self, **{k: v for k, v in values.items() if v is not None})
 
 
+RESUME_SAFE = ("threads", "checkpoint_every", "log_every", "eval_batch_size", "val_every",
+               "translator_timeout")
+"""The fields whose flags a ``--resume`` may change: how the run is kept, shown and
+validated, not what it trains (``--no-progress`` and ``--device`` are no fields, and free
+too). A change of any other field (of the stage's) is refused, listing what changed;
+``workers`` among them, as torchdata's saved loader position is per worker process."""
+
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "teacher": ("translator", "distill", "teacher"),
+    "teacher_weight_decay": ("teacher",),
+    "teacher_steps": ("teacher",),
+    "student": ("student", "distill"),
+    "student_steps": ("student",),
+    "weight_decay": ("student", "distill"),
+    "distill_steps": ("distill",),
+    "teacher_layer": ("translator", "distill"),
+    "translator_channels": ("translator", "distill"),
+    "adaptation_weight": ("distill",),
+    "affinity_weight": ("distill",),
+    "kd_temperature": ("distill",),
+    "translator_epochs": ("translator",),
+    "translator_steps": ("translator",),
+    "translator_lr": ("translator",),
+    "translator_weight_decay": ("translator",),
+}
+"""The fields that concern some stages only (``teacher``, ``student``, ``translator``,
+``distill``), and which: a resume of another stage ignores them. Every other field but
+:data:`RESUME_SAFE` concerns every stage."""
+
 CONFIGS = {
     "voc": PipelineConfig(),
     "cityscapes": PipelineConfig(dataset="cityscapes", num_classes=19, crop=769,

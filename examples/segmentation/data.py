@@ -34,6 +34,7 @@ so a resumed run sees exactly the crops an uninterrupted one would.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -295,8 +296,25 @@ def augment(image: Tensor, label: Tensor, crop: int, scale_range: tuple[float, f
 
 def _listed_pairs(listing: Path, images: Path, labels: Path, split: str
                   ) -> list[tuple[Path, Path]]:
-    """(image, label) paths of the ids in a split file: ``<id>.jpg`` and ``<id>.png``."""
+    """(image, label) paths of the ids in a split file: ``<id>.jpg`` and ``<id>.png``.
+
+    Raises:
+        ValueError: the file lists no id, or ids that lead out of the image and label
+            folders, and so maybe out of the root (absolute, or climbing with ``..``);
+            the message names the file.
+        FileNotFoundError: a listed file is missing.
+    """
     ids = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"the {split} list {listing} is empty; expected one image id per "
+                         "line (a file name without extension)")
+    outside = [i for i in ids if os.path.isabs(i)
+               or os.path.normpath(i).split(os.sep)[0] == os.pardir]
+    if outside:
+        shown = ", ".join(repr(i) for i in outside[:3]) + (", ..." if len(outside) > 3 else "")
+        raise ValueError(f"the {split} list {listing} has {len(outside)} ids that lead out of "
+                         f"the dataset's folders ({shown}); expected ids relative to {images}, "
+                         "without a leading '/' or '..'")
     pairs = [(images / f"{i}.jpg", labels / f"{i}.png") for i in ids]
     missing = [p for pair in pairs for p in pair if not p.exists()]
     if missing:
@@ -335,6 +353,9 @@ def cityscapes(root: str | Path, split: str, train: bool, crop: int,
         if not label.exists():
             raise FileNotFoundError(f"no label for {image}: expected {label}")
         pairs.append((image, label))
+    if not pairs:
+        raise ValueError(f"the Cityscapes {split} split is empty: no "
+                         f"<city>/<name>_leftImg8bit.png under {images}")
     return SegmentationFiles(pairs, train, crop, scale_range, seed, label_map="cityscapes",
                              num_classes=num_classes)
 

@@ -17,7 +17,7 @@ from examples.segmentation import data, profiling
 from examples.segmentation.data import IGNORE_INDEX
 from examples.segmentation.reporting import format_eval
 from examples.segmentation.run import Run, autocast, dataset, model_for
-from examples.segmentation.training import read_checkpoint
+from examples.segmentation.training import read_checkpoint, read_log_rows, rewrite_lines
 from segdistill import save_checkpoint
 from segdistill.hooks import select_output
 
@@ -117,10 +117,8 @@ def validator(run: Run, stage: str, weights: nn.Module) -> Any:
         if run.main:
             folder.mkdir(parents=True, exist_ok=True)
             log = folder / "val.jsonl"  # rows past a resumed checkpoint come again
-            rows = [r for r in log.read_text().splitlines() if json.loads(r)["step"] < step] \
-                if log.is_file() else []
-            log.write_text("".join(r + "\n" for r in
-                                   [*rows, json.dumps({"step": step, "miou": miou})]))
+            rows = read_log_rows(log, lambda r: r["step"] < step) if log.is_file() else []
+            rewrite_lines(log, [*rows, json.dumps({"step": step, "miou": miou})])
             if miou > best[0]:
                 save_checkpoint({"model": weights.state_dict(), "step": step, "miou": miou},
                                 best_path)

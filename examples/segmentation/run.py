@@ -4,8 +4,10 @@ and the networks of the run (each with its feature map for distillation declared
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,9 +16,10 @@ import torch.distributed as dist
 from torch import nn
 
 from examples.segmentation import data, models
-from examples.segmentation.config import PipelineConfig
+from examples.segmentation.config import RESUME_SAFE, STAGE_FIELDS, PipelineConfig
 from examples.segmentation.data import IGNORE_INDEX
-from examples.segmentation.training import TrainConfig, read_checkpoint
+from examples.segmentation.locks import folder_lock
+from examples.segmentation.training import TrainConfig, load_model_state, read_checkpoint
 from segdistill import FeatureSpec, Translator
 
 
@@ -64,6 +67,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def stage_lock(run: Run, stage: str) -> Iterator[None]:
+    """Hold ``OUT/<stage>/run.lock`` while the stage runs, on the main process (the only
+    one that writes there): a second run on the folder fails at once, naming the first
+    (:func:`~examples.segmentation.locks.folder_lock`)."""
+    with folder_lock(run.out / stage) if run.main else contextlib.nullcontext():
+        yield
+
+
 def dataset(run: Run, train: bool) -> Any:
     """The run's training (augmented) or evaluation split."""
     return data.load(run.config, run.root, train)
@@ -75,7 +87,9 @@ M = TypeVar("M", bound=nn.Module)
 def load_weights(module: M, path: Path, what: str) -> M:
     if not path.is_file():
         raise FileNotFoundError(f"no {what} at {path}: run that stage first")
-    module.load_state_dict(read_checkpoint(path)["model"])
+    load_model_state(module, read_checkpoint(path)["model"], path,
+                     "was it trained with other flags (such as --num-classes, --teacher, "
+                     "--student)? Give the ones it was trained with")
     return module
 
 
@@ -124,7 +138,19 @@ def new_translator(run: Run) -> Translator:
     return Translator(spec.channels, run.config.translator_channels)
 
 
-def train_config(run: Run, stage: str, steps: int) -> TrainConfig:
+def resume_record(run: Run, kind: str) -> dict[str, Any]:
+    """The flags that describe a training stage of ``kind`` (``teacher``, ``student``,
+    ``distill``): what its checkpoints record and a ``--resume`` compares. Every field of
+    the config, less :data:`~examples.segmentation.config.RESUME_SAFE` and those of other
+    stages (:data:`~examples.segmentation.config.STAGE_FIELDS`)."""
+    return {"--" + f.name.replace("_", "-"): getattr(run.config, f.name)
+            for f in fields(PipelineConfig)
+            if f.name not in RESUME_SAFE and kind in STAGE_FIELDS.get(f.name, (kind,))}
+
+
+def train_config(run: Run, stage: str, steps: int, kind: str | None = None) -> TrainConfig:
+    """The training of the stage written to ``OUT/<stage>``, of ``kind`` (``teacher``,
+    ``student`` or ``distill``; default: ``stage`` up to its first ``-``)."""
     c = run.config
     if c.batch_size % (run.world_size * c.accumulate):
         raise ValueError(f"the batch size {c.batch_size} does not split over "
@@ -139,6 +165,7 @@ def train_config(run: Run, stage: str, steps: int) -> TrainConfig:
         checkpoint_path=str(run.out / stage / "checkpoint.pt"),
         checkpoint_every=c.checkpoint_every, log_path=str(run.out / stage / "log.jsonl"),
         log_every=c.log_every, progress=run.progress,
+        record=resume_record(run, kind or stage.partition("-")[0]),
     )
 
 

@@ -10,6 +10,7 @@ Every stage reads and writes under one output folder::
                                     (distill: student and adapters; the teacher and
                                     translator by path and SHA-256)
     OUT/<stage>/log.jsonl           loss, terms and lr (TensorBoard too when installed)
+    OUT/<stage>/run.lock            while the stage runs: one run per folder
     OUT/<model>/eval.json           mIoU, per-class IoU, parameters, FLOPs, images/s
     OUT/figures/<dataset>.png
     OUT/<model>/export/             student.torchscript.pt, student.pt2, student.onnx,
@@ -41,6 +42,7 @@ from examples.segmentation.run import (
     build_teacher,
     dataset,
     new_translator,
+    stage_lock,
     sync_bn,
     teacher_feature,
     train_config,
@@ -49,16 +51,20 @@ from examples.segmentation.training import fit, remove_stale_temporaries
 from segdistill import TranslatorTrainingConfig, save_checkpoint, train_translator
 
 
-def train(run: Run, stage: str, model: nn.Module, steps: int,
+def train(run: Run, stage: str, kind: str, model: nn.Module, steps: int,
           weights: nn.Module) -> list[dict[str, float]]:
     """Train ``model`` for ``steps`` in ``OUT/<stage>`` (``fit``, with ``--val-every``'s
-    validation) and save ``weights`` (the trained network inside ``model``) as its
-    ``model.pt`` once the stage is complete."""
-    history = fit(sync_bn(run, model), dataset(run, train=True),
-                  train_config(run, stage, steps), device=run.device, resume=run.resume,
-                  stop_after=run.stop_after, on_step=validator(run, stage, weights))
-    if run.main and (run.stop_after is None or run.stop_after >= steps):
-        save_checkpoint({"model": weights.state_dict()}, run.out / stage / "model.pt")
+    validation, holding the folder's lock) and save ``weights`` (the trained network
+    inside ``model``) as its ``model.pt`` once the stage is complete. ``kind``
+    (``teacher``, ``student``, ``distill``) says which flags a resume compares
+    (:func:`~examples.segmentation.run.resume_record`)."""
+    with stage_lock(run, stage):
+        history = fit(sync_bn(run, model), dataset(run, train=True),
+                      train_config(run, stage, steps, kind), device=run.device,
+                      resume=run.resume, stop_after=run.stop_after,
+                      on_step=validator(run, stage, weights))
+        if run.main and (run.stop_after is None or run.stop_after >= steps):
+            save_checkpoint({"model": weights.state_dict()}, run.out / stage / "model.pt")
     barrier()
     return history
 
@@ -72,13 +78,13 @@ def train_teacher(run: Run) -> list[dict[str, float]]:
         The loss of every step (as :func:`~examples.segmentation.training.fit`).
     """
     net = build_teacher(run, trained=False)
-    return train(run, "teacher", net, run.config.teacher_steps, net)
+    return train(run, "teacher", "teacher", net, run.config.teacher_steps, net)
 
 
 def train_student(run: Run, name: str = "student") -> list[dict[str, float]]:
     """(b) The student baseline, cross-entropy only, written to ``OUT/<name>``."""
     net = build_student(run)
-    return train(run, name, net, run.config.student_steps, net)
+    return train(run, name, "student", net, run.config.student_steps, net)
 
 
 def train_translator_stage(run: Run) -> list[float]:
@@ -95,29 +101,36 @@ def train_translator_stage(run: Run) -> list[float]:
         group = dist.new_group(timeout=timedelta(minutes=c.translator_timeout))
     history: list[float] = []
     if run.main:
-        remove_stale_temporaries(run.out / "translator" / "checkpoint.pt")
-        teacher = build_teacher(run, trained=True)
-        loader = DataLoader(dataset(run, train=True), batch_size=c.batch_size, shuffle=True,
-                            num_workers=c.workers, drop_last=True,
-                            generator=torch.Generator().manual_seed(c.seed))
-        steps = [s for s in (run.stop_after, c.translator_steps) if s is not None]
-        result = train_translator(
-            teacher, loader, teacher_feature(run).layer, new_translator(run),
-            TranslatorTrainingConfig(
-                epochs=c.translator_epochs, lr=c.translator_lr,
-                weight_decay=c.translator_weight_decay, device=run.device,
-                max_steps=min(steps) if steps else None,
-                checkpoint_path=run.out / "translator" / "checkpoint.pt",
-                checkpoint_every=c.checkpoint_every, resume=run.resume,
-                progress=run.progress),
-        )
-        history = result.history
-        save_checkpoint({"model": result.translator.state_dict(), "history": history},
-                        run.out / "translator" / "model.pt")
+        with stage_lock(run, "translator"):
+            history = _train_translator(run)
     if group is not None:
         dist.barrier(group=group)
         dist.destroy_process_group(group)
     return history
+
+
+def _train_translator(run: Run) -> list[float]:
+    """Rank 0's part of :func:`train_translator_stage`: train, and write ``model.pt``."""
+    c = run.config
+    remove_stale_temporaries(run.out / "translator" / "checkpoint.pt")
+    teacher = build_teacher(run, trained=True)
+    loader = DataLoader(dataset(run, train=True), batch_size=c.batch_size, shuffle=True,
+                        num_workers=c.workers, drop_last=True,
+                        generator=torch.Generator().manual_seed(c.seed))
+    steps = [s for s in (run.stop_after, c.translator_steps) if s is not None]
+    result = train_translator(
+        teacher, loader, teacher_feature(run).layer, new_translator(run),
+        TranslatorTrainingConfig(
+            epochs=c.translator_epochs, lr=c.translator_lr,
+            weight_decay=c.translator_weight_decay, device=run.device,
+            max_steps=min(steps) if steps else None,
+            checkpoint_path=run.out / "translator" / "checkpoint.pt",
+            checkpoint_every=c.checkpoint_every, resume=run.resume,
+            progress=run.progress),
+    )
+    save_checkpoint({"model": result.translator.state_dict(), "history": result.history},
+                    run.out / "translator" / "model.pt")
+    return result.history
 
 
 def distill(run: Run, method: str, name: str | None = None) -> list[dict[str, float]]:
@@ -131,8 +144,8 @@ def distill(run: Run, method: str, name: str | None = None) -> list[dict[str, fl
     for transform in teacher_transforms(wrapper):  # the paper's: the translator's encoder
         files["translator"] = (transform, run.out / "translator" / "model.pt")
     reference_frozen(wrapper, files)
-    history = train(run, name or f"distill-{method}", wrapper, run.config.distill_steps,
-                     wrapper.student)
+    history = train(run, name or f"distill-{method}", "distill", wrapper,
+                    run.config.distill_steps, wrapper.student)
     wrapper.remove_hooks()
     return history
 

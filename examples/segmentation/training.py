@@ -13,6 +13,14 @@ epoch the sampler is, and restores it. And the sampler yields *sample keys*
 ``epoch * len(dataset) + index``: a dataset that seeds its augmentation with
 the key (see :func:`decode_sample_key`) augments each sample the same way
 however the run was interrupted and whatever the number of data workers.
+
+Nothing non-finite is saved: a step whose loss, gradients or updated weights
+hold an inf or a NaN stops the run (no step is skipped: that would change the
+recipe behind the user's back) before anything of it is saved, so the last
+checkpoint, the last finite state, stays; the error names the step, what went
+non-finite and the flag to change. A resume is explicit: the checkpoint records
+the run's settings (:attr:`TrainConfig.record`), and resuming with other
+settings is refused with the difference.
 """
 
 from __future__ import annotations
@@ -21,10 +29,11 @@ import contextlib
 import json
 import math
 import os
+import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sized
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sized
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
@@ -38,6 +47,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from examples.segmentation.config import Amp
+from examples.segmentation.locks import process_alive
 from examples.segmentation.models import param_groups
 from segdistill import DistillationWrapper, load_checkpoint, save_checkpoint
 from segdistill.hooks import select_output
@@ -46,7 +56,8 @@ from segdistill.hooks import select_output
 # nothing for a user to act on
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
-__all__ = ["Amp", "KeyedSampler", "TrainConfig", "decode_sample_key", "fit", "progress_bar"]
+__all__ = ["RESUME_SAFE_FIELDS", "Amp", "KeyedSampler", "TrainConfig", "decode_sample_key", "fit",
+           "load_model_state", "progress_bar", "read_log_rows", "rewrite_lines"]
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -118,6 +129,11 @@ class TrainConfig:
     log_path: str | None = None
     log_every: int = 10
     progress: bool = True
+    record: dict[str, Any] | None = None
+    """The settings that describe the run, ``{name: value}``, named as the caller names
+    them (the pipeline: its flags, ``{"--lr": 0.007, ...}``): the checkpoint records
+    them, with the number of processes, and a resume with any other value is refused.
+    ``None``: this config's fields but :data:`RESUME_SAFE_FIELDS`."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "accumulate"):
@@ -135,6 +151,13 @@ class TrainConfig:
                                  f"{self.checkpoint_every}")
             if self.checkpoint_path is None:
                 raise ValueError("checkpoint_every needs a checkpoint_path")
+
+
+RESUME_SAFE_FIELDS = ("checkpoint_path", "checkpoint_every", "log_path", "log_every",
+                      "progress", "record")
+"""The fields of :class:`TrainConfig` that a resume may change: where and how often the
+run is kept and shown, not what it trains. Not ``num_workers``: the loader's saved
+position is per worker process, and torchdata cannot restore it into another number."""
 
 
 def progress_bar(enabled: bool, total: int, initial: int = 0, desc: str = "train") -> Any:
@@ -159,9 +182,8 @@ class _Logger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # rows after the checkpoint we resume from come again
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= start]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = read_log_rows(self.path, lambda row: row["step"] <= start) if start else []
+            rewrite_lines(self.path, kept)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
@@ -181,6 +203,52 @@ class _Logger:
     def close(self) -> None:
         if self.board is not None:
             self.board.close()
+
+
+def read_log_rows(path: Path, keep: Callable[[dict[str, Any]], bool]) -> list[str]:
+    """The lines of the JSON-lines log at ``path`` whose row (a dict with an int
+    ``step``) ``keep`` accepts.
+
+    A last line that is not such a row (torn: the run was killed, or the disk
+    filled, mid-write) is dropped with a warning.
+
+    Raises:
+        ValueError: an earlier line is not such a row; the message names the file
+            and the line.
+    """
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+                raise ValueError("not an object with an int 'step'")
+        except ValueError as error:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}, is not a log row ({error}): "
+                                 f"{line[:80]!r}; repair or delete that file") from error
+            warnings.warn(f"{path}: dropping its torn last line {number}, {line[:80]!r} (a "
+                          "run stopped while writing it)", RuntimeWarning, stacklevel=3)
+            continue
+        if keep(row):
+            kept.append(line)
+    return kept
+
+
+def rewrite_lines(path: Path, lines: list[str]) -> None:
+    """Replace the text file at ``path`` by ``lines``, atomically (a crash meanwhile
+    leaves the old file, never a cut one)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+                               dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(line + "\n" for line in lines))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _rng_state() -> dict[str, Any]:
@@ -213,6 +281,10 @@ class _Run:
     scaler: torch.amp.GradScaler
     loader: StatefulDataLoader
     sampler: KeyedSampler
+    record: dict[str, Any] = field(default_factory=dict)
+    """What the checkpoint records of the run's settings (see :attr:`TrainConfig.record`)."""
+    saved: int | None = None
+    """The step of the checkpoint on disk that this run wrote or resumed from."""
     step: int = 0
     epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -281,10 +353,19 @@ def fit(
     (:func:`examples.segmentation.models.param_groups`).
 
     Temporary files that a killed run left beside the checkpoint
-    (``.checkpoint.pt.*.tmp``) are removed when it starts. A checkpoint that
-    cannot be read raises an error naming its path; resuming a run whose
-    checkpoint is already past ``config.steps`` raises one too, and one that is
-    exactly at ``config.steps`` says that the stage is finished.
+    (``.checkpoint.pt.*.tmp``) are removed when it starts; a live writer's are
+    kept. A checkpoint that cannot be read raises an error naming its path;
+    resuming a run whose checkpoint is already past ``config.steps`` raises one
+    too, and one that is exactly at ``config.steps`` says that the stage is
+    finished. A resume with settings other than the checkpoint's
+    (:attr:`TrainConfig.record`) is refused, listing what changed; more steps than
+    the checkpoint's schedule was planned for among them (a resume continues that
+    schedule; it cannot re-plan it).
+
+    A step whose loss (any term of it), gradients or updated weights are not
+    finite raises ``FloatingPointError`` before the step is saved: the
+    checkpoint on disk stays the last finite state. A batch without a counted
+    pixel (every label ``ignore_index``) has a cross-entropy of 0.
 
     Args:
         model: what to train (not wrapped in DDP: this function does that).
@@ -294,13 +375,20 @@ def fit(
         config: the schedule and the bookkeeping.
         device: where to train.
         resume: continue from ``config.checkpoint_path`` if it exists (model,
-            optimiser, schedule, scaler, data loader, random state, log), exactly.
+            optimiser, schedule, scaler, data loader, random state, log), exactly;
+            a torn last line of the log is dropped with a warning.
         stop_after: end after this many steps in all (to simulate a crash in
             tests, or to split a run).
         on_step: called with the step and its logged values.
 
     Returns:
         One dictionary per step: ``step``, ``lr``, ``loss``, ``ce`` and each term.
+
+    Raises:
+        FloatingPointError: a step went non-finite (the message says which, in what,
+            and what to change).
+        ValueError: the checkpoint does not fit this run (other settings, more or
+            fewer steps, another model); the message names it and what differs.
     """
     device = torch.device(device)
     distributed = dist.is_available() and dist.is_initialized()
@@ -310,7 +398,7 @@ def fit(
     model.to(device)
     optimizer, schedule, scaler = make_optimizer(model, config, device)
     run = _Run(config, model, model, device, rank, distributed, optimizer, schedule,
-               scaler, loader, sampler)
+               scaler, loader, sampler, record=run_record(config, world))
     if rank == 0 and config.checkpoint_path:
         remove_stale_temporaries(config.checkpoint_path)
     if resume and config.checkpoint_path and os.path.exists(config.checkpoint_path):
@@ -374,30 +462,112 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device,
     return optimizer, schedule, scaler
 
 
+def run_record(config: TrainConfig, world: int) -> dict[str, Any]:
+    """What a checkpoint of ``config``'s run records of its settings, and a resume
+    compares: :attr:`TrainConfig.record` (by default the config's fields but
+    :data:`RESUME_SAFE_FIELDS`) and the number of processes."""
+    record = config.record
+    if record is None:
+        record = {k: v for k, v in asdict(config).items() if k not in RESUME_SAFE_FIELDS}
+    return {**record, "processes": world}
+
+
+def check_resume(path: str, recorded: Mapping[str, Any] | None, current: Mapping[str, Any],
+                 planned: int, steps: int) -> None:
+    """Refuse to resume from the checkpoint at ``path`` when the settings it recorded
+    differ from this run's, listing the differences.
+
+    Args:
+        path: the checkpoint, for the message.
+        recorded: the settings it recorded (``None``: an older checkpoint, which
+            records none; a warning says they cannot be checked).
+        current: this run's (:func:`run_record`).
+        planned: the steps its schedule was planned for.
+        steps: the steps this run asks for.
+
+    Raises:
+        ValueError: a setting differs; the message lists each with both values.
+    """
+    if recorded is None:
+        warnings.warn(f"the checkpoint {path} records no settings (an older one): a resume "
+                      "cannot check that this run's match it", RuntimeWarning, stacklevel=3)
+        return
+
+    def shown(record: Mapping[str, Any], name: str) -> str:
+        return repr(record[name]) if name in record else "(none)"
+
+    names = [*current, *(name for name in recorded if name not in current)]
+    changed = [f"  {name}: {shown(recorded, name)} in the checkpoint, {shown(current, name)} now"
+               for name in names
+               if name not in recorded or name not in current or recorded[name] != current[name]]
+    if not changed:
+        return
+    schedule = (f" Its poly schedule was planned for {planned} steps (the learning rate "
+                f"reaches 0 at step {planned}), and a resume continues it; it cannot re-plan "
+                f"it for {steps}: to train {steps} steps, start the stage afresh with them."
+                if planned != steps else "")
+    raise ValueError(
+        f"cannot resume from {path}: it was written with other settings than this run's:\n"
+        + "\n".join(changed)
+        + f"\nA resume continues the checkpoint's run as it was planned: give the values it "
+        f"records, or start the stage afresh without --resume.{schedule} (examples/README.md "
+        "lists the flags a resume may change.)")
+
+
+def load_model_state(module: nn.Module, state: Mapping[str, Any], path: str | os.PathLike[str],
+                     hint: str) -> None:
+    """``module.load_state_dict(state)``, whose error names the checkpoint ``path``, the
+    entries that do not fit and ``hint`` (what to do) instead of torch's ``size mismatch``.
+
+    Raises:
+        ValueError: ``state`` does not fit ``module``.
+    """
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        own = module.state_dict()
+        misfits = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} here"
+                   for k, v in state.items() if isinstance(v, Tensor)
+                   and isinstance(own.get(k), Tensor) and own[k].shape != v.shape]
+        misfits += [f"{k} missing" for k in own if k not in state]
+        misfits += [f"{k} unexpected" for k in state if k not in own]
+        shown = "; ".join(misfits[:3]) + (f"; and {len(misfits) - 3} more"
+                                          if len(misfits) > 3 else "")
+        raise ValueError(f"the checkpoint {path} holds a model that does not fit this one "
+                         f"({shown or error}); {hint}") from error
+
+
 def restore(run: _Run, path: str) -> None:
     """Continue ``run`` from the checkpoint at ``path``: the model, the optimiser, the
     schedule, the scaler, the loader, the random state, the step, the epoch, the history.
 
     Raises:
         RuntimeError: the checkpoint cannot be read.
-        ValueError: the checkpoint is past ``run.config.steps``.
+        ValueError: the checkpoint is past ``run.config.steps``, was written with
+            other settings (:func:`check_resume`), or holds another model.
     """
     state = read_checkpoint(path, run.device)
     steps, step = run.config.steps, int(state["step"])
+    planned = int(state["schedule"].get("total_iters", steps))
     if step > steps:
         raise ValueError(
             f"the checkpoint {path} is at step {step}, past the {steps} steps asked for: "
-            "its schedule was for more steps; ask for at least as many, or start afresh "
+            f"its schedule was for {planned} steps; ask for those, or start afresh "
             "without --resume")
+    check_resume(path, state.get("config"), run.record, planned, steps)
     if step == steps and run.rank == 0:
         print(f"{path}: already at step {steps} of {steps}; nothing left to train")
-    run.model.load_state_dict(state["model"])
+    load_model_state(run.model, state["model"], path,
+                     "was it written with other flags (such as --num-classes, --teacher, "
+                     "--student)? Give the ones it was written with, or start the stage "
+                     "afresh without --resume")
     run.optimizer.load_state_dict(state["optimizer"])
     run.schedule.load_state_dict(state["schedule"])
     run.scaler.load_state_dict(state["scaler"])
     run.loader.load_state_dict(state["loader"])
     _set_rng_state(state["rng"])
     run.step, run.epoch, run.history = step, int(state["epoch"]), list(state["history"])
+    run.saved = step
 
 
 def save(run: _Run) -> None:
@@ -408,8 +578,10 @@ def save(run: _Run) -> None:
                          "schedule": run.schedule.state_dict(),
                          "scaler": run.scaler.state_dict(),
                          "loader": run.loader.state_dict(), "rng": _rng_state(),
-                         "step": run.step, "epoch": run.epoch, "history": run.history},
+                         "step": run.step, "epoch": run.epoch, "history": run.history,
+                         "config": run.record},
                         run.config.checkpoint_path)
+        run.saved = run.step
 
 
 def train_one_epoch(run: _Run, report: _Report) -> bool:
@@ -440,6 +612,9 @@ def train_one_batch(run: _Run, images: Tensor, labels: Tensor) -> dict[str, floa
 
     Returns:
         The batch's loss, cross-entropy and terms.
+
+    Raises:
+        FloatingPointError: the loss is not finite (before the backward pass).
     """
     images = images.to(run.device, non_blocking=True)
     labels = labels.to(run.device, non_blocking=True)
@@ -452,6 +627,9 @@ def train_one_batch(run: _Run, images: Tensor, labels: Tensor) -> dict[str, floa
                             enabled=amp_dtype is not None):
             part, loss = _step_loss(run.train_model, isinstance(run.model, DistillationWrapper),
                                     images, labels, run.config.ignore_index)
+        if not math.isfinite(part["loss"]):
+            raise _diverged(run, _loss_account(part, run), "before its backward pass",
+                            updated=run.step > 0)
         run.scaler.scale(loss / run.config.accumulate).backward()  # type: ignore[no-untyped-call]
     return part
 
@@ -463,9 +641,27 @@ def optimizer_step(run: _Run, lr: float) -> dict[str, float]:
     Returns:
         The step's row of the history: ``step``, ``lr``, and the mean over the
         accumulated batches of the loss, the cross-entropy and each term.
+
+    Raises:
+        FloatingPointError: a gradient is not finite (checked before the update,
+            unless ``amp='fp16'``, whose scaler skips such steps itself), or the
+            update made a weight or a buffer non-finite (checked before anything
+            is saved).
     """
+    loss = sum(m["loss"] for m in run.micro) / len(run.micro)
+    trainable = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
+    if not run.scaler.is_enabled():
+        bad = _non_finite({n: p.grad for n, p in trainable.items() if p.grad is not None})
+        if bad:
+            raise _diverged(run, f"the gradients became non-finite ({_names(bad)}), the loss "
+                            f"being {loss:.4g}", "before its update was applied",
+                            updated=run.step > 0)
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    bad = _non_finite({**trainable, **dict(run.model.named_buffers())})
+    if bad:
+        raise _diverged(run, f"the model's weights went non-finite ({_names(bad)}), the "
+                        f"loss being {loss:.4g}", "before they were saved", updated=True)
     run.optimizer.zero_grad(set_to_none=True)
     run.schedule.step()
     run.step += 1
@@ -476,14 +672,71 @@ def optimizer_step(run: _Run, lr: float) -> dict[str, float]:
     return row
 
 
+def _non_finite(tensors: Mapping[str, Tensor]) -> list[str]:
+    """The names of the floating tensors holding an inf or a NaN, with one host sync."""
+    floats = {n: t for n, t in tensors.items() if t.is_floating_point()}
+    if not floats:
+        return []
+    finite = torch.stack([t.detach().isfinite().all() for t in floats.values()])
+    if bool(finite.all()):
+        return []
+    return [n for n, ok in zip(floats, finite.tolist(), strict=True) if not ok]
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:3])
+    return f"{len(names)} tensors: {shown}{', ...' if len(names) > 3 else ''}"
+
+
+def _loss_account(part: dict[str, float], run: _Run) -> str:
+    """Which terms of a batch's loss are not finite."""
+    terms = [f"{k} = {v}" for k, v in part.items() if k != "loss" and not math.isfinite(v)]
+    batch = (f" in batch {len(run.micro) + 1} of the {run.config.accumulate} it accumulates"
+             if run.config.accumulate > 1 else "")
+    return (f"the loss became {part['loss']}{batch}, "
+            + (f"from {', '.join(terms)}" if terms else f"a sum of finite terms ({part})"))
+
+
+def _diverged(run: _Run, what: str, when: str, updated: bool) -> FloatingPointError:
+    """The error of a step that went non-finite: which step and what, that nothing of it
+    was saved, and the flag to change (``updated``: whether an update, which the learning
+    rate scales, came before)."""
+    path = run.config.checkpoint_path
+    kept = (f"the checkpoint {path} of step {run.saved}, the last finite state, is kept"
+            if path and run.saved is not None else "no checkpoint of this run was written")
+    if not updated:
+        fix = ("this is the first step, before any update: check the inputs and the initial "
+               "weights for infs and NaNs")
+    else:
+        fix = (f"lower the learning rate (--lr, now {run.config.lr:g})"
+               + (" or train in bfloat16 (--amp bf16), whose range float16 lacks"
+                  if run.config.amp == "fp16" else "")
+               + ", and start the stage afresh (without --resume)")
+    return FloatingPointError(f"step {run.step + 1}: {what}; the run stops {when}, and "
+                              f"{kept}. To go on, {fix}")
+
+
 def remove_stale_temporaries(checkpoint: str | os.PathLike[str]) -> list[Path]:
     """Delete the temporary files (``.<name>.*.tmp``) that runs killed while writing
-    ``checkpoint`` left in its folder; returns them."""
+    ``checkpoint`` left in its folder; returns them.
+
+    A temporary file names its writer's process
+    (:func:`segdistill.save_checkpoint`): one whose writer still runs (another run
+    saving into the folder) is kept; one that names none (from an older version)
+    counts as stale.
+    """
     path = Path(checkpoint)
-    stale = sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    found = sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    stale = [tmp for tmp in found if not _written_by_another_live_process(tmp, path.name)]
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale
+
+
+def _written_by_another_live_process(tmp: Path, name: str) -> bool:
+    pid, dot, _ = tmp.name[len(name) + 2:-len(".tmp")].partition(".")
+    return (bool(dot) and pid.isdigit() and int(pid) != os.getpid()
+            and process_alive(int(pid)))
 
 
 def read_checkpoint(path: str | os.PathLike[str],
@@ -494,6 +747,14 @@ def read_checkpoint(path: str | os.PathLike[str],
         return load_checkpoint(path, map_location=device)
     except RuntimeError as error:
         raise RuntimeError(f"{error}: delete it to start the stage afresh") from error
+
+
+def _cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """The mean cross-entropy over the counted pixels, and 0 (with zero gradients) for a
+    batch with none, of which torch's mean is 0 / 0."""
+    if bool((labels != ignore_index).any()):
+        return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+    return logits.float().sum() * 0.0
 
 
 def _step_loss(model: nn.Module, distilling: bool, images: Tensor, labels: Tensor,
@@ -507,9 +768,7 @@ def _step_loss(model: nn.Module, distilling: bool, images: Tensor, labels: Tenso
     if logits.shape[-2:] != labels.shape[-2:]:
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear",
                                align_corners=False)
-    ce = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+    ce = _cross_entropy(logits, labels, ignore_index)
     loss = ce if distill is None else ce + distill
     row = {"loss": loss.item(), "ce": ce.item(), **{k: v.item() for k, v in terms.items()}}
-    if not math.isfinite(row["loss"]):
-        raise FloatingPointError(f"the loss became {row['loss']} ({row})")
     return row, loss
