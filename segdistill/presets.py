@@ -18,7 +18,7 @@ optimiser is built.
 
 Example:
     >>> sorted(PRESETS)
-    ['attention_transfer', 'cwd', 'dist', 'fitnet', 'holistic', 'ifvd', 'kd',
+    ['attention_transfer', 'cirkd', 'cwd', 'dist', 'fitnet', 'holistic', 'ifvd', 'kd',
      'knowledge_adaptation', 'mgd', 'pairwise']
     >>> get_preset("kd") is kd
     True
@@ -42,6 +42,8 @@ from segdistill.hooks import OutputSelector, probe_features
 from segdistill.losses.adaptation import AdaptationLoss
 from segdistill.losses.affinity import AffinityLoss
 from segdistill.losses.attention import AttentionTransferLoss
+from segdistill.losses.cirkd import CIRKDLoss
+from segdistill.losses.cirkd_memory import CIRKDMemory
 from segdistill.losses.cwd import CWDLoss
 from segdistill.losses.dist import DISTLoss
 from segdistill.losses.fitnet import FitNetLoss
@@ -58,6 +60,7 @@ __all__ = [
     "PRESETS",
     "Preset",
     "attention_transfer",
+    "cirkd",
     "cwd",
     "dist",
     "fitnet",
@@ -713,3 +716,90 @@ def holistic(
     )
     return DistillationWrapper(teacher, student, {"holistic": term},
                                teacher_output=teacher_output, student_output=student_output)
+
+
+@register_preset("cirkd")
+def cirkd(
+    teacher: nn.Module,
+    student: nn.Module,
+    *,
+    teacher_layer: FeatureLike,
+    student_layer: FeatureLike,
+    num_classes: int,
+    example_input: Any = None,
+    minibatch_weight: float = 1.0,
+    memory_pixel_weight: float = 0.1,
+    memory_region_weight: float = 0.1,
+    kd_weight: float = 1.0,
+    kd_temperature: float = 1.0,
+    temperature: float = 0.1,
+    ignore_index: int | None = 255,
+    resize: Resize = "none",
+    validate_args: bool = True,
+    seed: int = 0,
+    teacher_output: OutputSelector = None,
+    student_output: OutputSelector = None,
+) -> DistillationWrapper:
+    r"""Yang et al.'s cross-image relational KD (CVPR 2022), as its reference trains it:
+    the mini-batch term (:class:`~segdistill.CIRKDLoss`, weight 1, exact and
+    memory-linear), the memory term (:class:`~segdistill.CIRKDMemory`: pixel and region
+    queues, 0.1 each; the reference uses 0.01 on Pascal VOC) on the last feature maps,
+    and pixel KD on the logits (weight 1, :math:`T = 1`). Pass the labels as ``target``
+    to the wrapper. A weight of 0 leaves its term out.
+
+    Args:
+        teacher: the trained teacher.
+        student: the student.
+        teacher_layer: the teacher's last feature map: a :class:`~segdistill.FeatureSpec`
+            with its channels, or a layer path with ``example_input``.
+        student_layer: the student's, likewise (the memory term's head maps its
+            channels onto the teacher's).
+        num_classes: :math:`K`, for the memory's per-class queues.
+        example_input: one batch both models take, to read the channels.
+        minibatch_weight: the mini-batch term's weight.
+        memory_pixel_weight: :math:`\lambda_p` of the memory term.
+        memory_region_weight: :math:`\lambda_r` of the memory term.
+        kd_weight: the logits KD term's weight.
+        kd_temperature: its temperature.
+        temperature: :math:`\tau` of the mini-batch relations (the reference's 0.1).
+        ignore_index: the label to leave out, or ``None``.
+        resize: the grid rule of every term.
+        validate_args: check the label values every step (one host sync per term).
+        seed: the memory's seed (its sampling is reproducible and resumes exactly).
+        teacher_output: how to find the teacher's logits.
+        student_output: how to find the student's logits.
+
+    Returns:
+        The wrapper, with terms ``'minibatch'``, ``'memory'`` and ``'kd'``.
+
+    Raises:
+        ValueError: every weight is 0; a side's channels are neither in its spec nor
+            read from ``example_input``.
+    """
+    memory_on = memory_pixel_weight > 0 or memory_region_weight > 0
+    if not (minibatch_weight > 0 or memory_on or kd_weight > 0):
+        raise ValueError("every weight is 0: nothing to distil")
+    specs = _layer_specs("cirkd", teacher, student, teacher_layer, student_layer,
+                         example_input, needs=("student", "teacher"))
+    terms: dict[str, DistillationTerm] = {}
+    if minibatch_weight > 0:
+        terms["minibatch"] = DistillationTerm(CIRKDLoss(temperature=temperature, resize=resize),
+                                              student=FEATURES, teacher=FEATURES,
+                                              weight=minibatch_weight)
+    if memory_on:
+        terms["memory"] = DistillationTerm(
+            CIRKDMemory(_channels(specs["student"]), _channels(specs["teacher"]), num_classes,
+                        pixel_weight=memory_pixel_weight, region_weight=memory_region_weight,
+                        ignore_index=ignore_index, resize=resize,
+                        validate_args=validate_args, seed=seed),
+            student=FEATURES, teacher=FEATURES, weight=1.0, uses_target=True,
+        )
+    if kd_weight > 0:
+        terms["kd"] = DistillationTerm(
+            KDLoss(temperature=kd_temperature, ignore_index=ignore_index, resize=resize,
+                   validate_args=validate_args),
+            student=OUTPUT, teacher=OUTPUT, weight=kd_weight, uses_target=True,
+        )
+    return DistillationWrapper(teacher, student, terms, {FEATURES: specs["teacher"]},
+                               {FEATURES: specs["student"]}, teacher_output=teacher_output,
+                               student_output=student_output)

@@ -18,7 +18,7 @@ from segdistill.hooks import FeatureHooks, probe_features
 
 def test_registry_holds_every_preset_by_its_library_name():
     names = ["knowledge_adaptation", "kd", "fitnet", "attention_transfer", "pairwise", "cwd",
-             "dist", "mgd", "ifvd", "holistic"]
+             "dist", "mgd", "ifvd", "holistic", "cirkd"]
     assert dict(presets.PRESETS) == {name: getattr(presets, name) for name in names}
     assert set(presets.__all__) >= set(names)
     with pytest.raises(TypeError):
@@ -53,7 +53,7 @@ def test_the_wrapper_has_no_preset_shortcuts_and_imports_no_preset():
 
 def test_register_and_look_up_errors():
     with pytest.raises(ValueError, match=r"unknown preset 'paper'; the presets are "
-                                         r"'attention_transfer', 'cwd', "):
+                                         r"'attention_transfer', 'cirkd', 'cwd', "):
         presets.get_preset("paper")
     with pytest.raises(ValueError, match=r"a preset named 'kd' is already registered "
                                          r"\(segdistill.presets.kd\)"):
@@ -227,3 +227,33 @@ def test_ifvd_preset_passes_the_labels():
     phi_s = student.relu(student.down(student.act(student.stem(x))))
     expected = 20.0 * ifvd_loss(phi_s, phi_t, labels, num_classes=5, resize="student")
     torch.testing.assert_close(out.losses["ifvd"], expected)
+
+
+def test_cirkd_preset_terms_and_the_memory_head():
+    from segdistill import cirkd_loss
+
+    teacher, student = tiny_pair()
+    wrapper = presets.cirkd(teacher, student, teacher_layer=FeatureSpec("relu", channels=12),
+                            student_layer=FeatureSpec("relu", channels=6), num_classes=5,
+                            resize="teacher")
+    assert {n: t.weight for n, t in wrapper.terms.items()} == {
+        "minibatch": 1.0, "memory": 1.0, "kd": 1.0}
+    head = wrapper.terms["memory"].loss.parameters()
+    assert {id(p) for p in head} <= {id(p) for p in wrapper.trainable_parameters()}
+    x, labels = torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2, 16, 16))
+    out = wrapper(x, target=labels)
+    with torch.no_grad():
+        phi_t = teacher.relu(teacher.body(teacher.act(teacher.stem(x))))
+    phi_s = student.relu(student.down(student.act(student.stem(x))))
+    torch.testing.assert_close(out.losses["minibatch"],
+                               cirkd_loss(phi_s, phi_t, resize="teacher"))
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    only_kd = presets.cirkd(*tiny_pair(), teacher_layer=FeatureSpec("relu", channels=12),
+                            student_layer=FeatureSpec("relu", channels=6), num_classes=5,
+                            minibatch_weight=0.0, memory_pixel_weight=0.0,
+                            memory_region_weight=0.0)
+    assert list(only_kd.terms) == ["kd"]
+    with pytest.raises(ValueError, match=r"every weight is 0: nothing to distil"):
+        presets.cirkd(*tiny_pair(), teacher_layer="relu", student_layer="relu", num_classes=5,
+                      minibatch_weight=0.0, memory_pixel_weight=0.0, memory_region_weight=0.0,
+                      kd_weight=0.0)

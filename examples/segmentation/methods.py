@@ -61,6 +61,9 @@ OPTIONS: dict[str, MethodOptions] = {
     # the teacher's map pooled onto the student's (smaller) grid: N x N stays small
     "pairwise": lambda run: {**_layers(run), "resize": "student"},
     "cwd": lambda run: {},
+    # the mini-batch and memory terms on the teacher's grid; labels and pixel KD as CIRKD
+    "cirkd": lambda run: {**_layers(run), "num_classes": run.config.num_classes,
+                          "ignore_index": IGNORE_INDEX, "resize": "teacher"},
     "dist": lambda run: {},
     # the teacher's map onto the student's grid: the prototypes are per image
     "ifvd": lambda run: {**_layers(run), "num_classes": run.config.num_classes,

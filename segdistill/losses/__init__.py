@@ -7,6 +7,7 @@ from segdistill.losses.attention import (
     attention_map,
     attention_transfer_loss,
 )
+from segdistill.losses.cirkd import CIRKDLoss, cirkd_loss
 from segdistill.losses.cirkd_memory import CIRKDMemory, memory_contrast_loss
 from segdistill.losses.cwd import CWDLoss, cwd_loss
 from segdistill.losses.dist import DISTLoss, dist_loss
@@ -29,6 +30,7 @@ __all__ = [
     "AdaptationLoss",
     "AffinityLoss",
     "AttentionTransferLoss",
+    "CIRKDLoss",
     "CIRKDMemory",
     "CWDLoss",
     "DISTLoss",
@@ -46,6 +48,7 @@ __all__ = [
     "attach_discriminator_loss",
     "attention_map",
     "attention_transfer_loss",
+    "cirkd_loss",
     "cwd_loss",
     "discriminator_optimizer",
     "dist_loss",
