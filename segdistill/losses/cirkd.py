@@ -18,44 +18,48 @@ gradients without any N x N tensor.
     \mathrm{KL}\big(p \,\|\, \mathrm{softmax}(v)\big)
         = \sum_k p_k (u_k - v_k) - \mathrm{LSE}(u) + \mathrm{LSE}(v),
 
-three reductions over the keys :math:`k`, which one pass over blocks of keys gathers
-with an online log-sum-exp (flash attention's recurrence): per block, the running
-maxima :math:`m_u, m_v`, the sums :math:`z_u = \sum_k e^{u_k - m_u}`,
-:math:`z_v` and :math:`w = \sum_k e^{u_k - m_u}(u_k - v_k)`, each rescaled when a
-maximum grows. The first term is formed from the differences :math:`u_k - v_k`
-elementwise, and the row's value as
-:math:`w / z_u - (m_u - m_v) - (\log z_u - \log z_v)`, so that no term of size
-:math:`a` cancels. Memory: the normalised features, O(BNC), a few (BN, B)
-statistics, and one block of (rows x keys) logits at a time.
+three reductions over the keys :math:`k`, which one pass over tiles of (query rows x
+keys) gathers (:func:`_row_stats`): per tile, two products give the logits, and the
+sums :math:`z_u = \sum_k e^{u_k - m_u}`, :math:`z_v` and
+:math:`w = \sum_k e^{u_k - m_u}(u_k - v_k)` grow. Where :math:`a > 40` the maxima
+:math:`m_u, m_v` are running ones and the sums are rescaled when a maximum grows (the
+online log-sum-exp of flash attention); below, cosines over :math:`\tau` keep every
+exponential within float32's range and :math:`m = 0`. The differences
+:math:`u_k - v_k` are formed elementwise, before any sum, and the row's value as
+:math:`w / z_u - (m_u - m_v) - \log(z_u / z_v)`, so that no term of size :math:`a`
+cancels. Memory: the unit vectors, O(BNC), a few (BN, B) statistics, and one tile of
+logits at a time.
 
-**The backward pass** (:class:`_CrossImageKL`, by hand) recomputes each block's
-logits from the features and the saved log-sum-exps: :math:`\partial/\partial v_k =
+**The backward pass** (:class:`_CrossImageKL`, by hand) recomputes each tile's
+logits from the unit vectors and the saved log-sum-exps: :math:`\partial/\partial v_k =
 q_k - p_k` with :math:`q = \mathrm{softmax}(v)`, and
 :math:`\partial/\partial u_k = p_k(\log p_k - \log q_k - \mathrm{KL})` for a
-teacher that takes gradients; each block's gradient meets the keys and the queries
+teacher that takes gradients; each tile's gradient meets the keys and the queries
 in two products, then the normalisation's backward. Per (query, key) pair that is
 :math:`C_t + C_s` multiply-adds forward and :math:`C_t + 3C_s` backward with a frozen
 teacher (:math:`3C_t + 3C_s` with a teacher that takes gradients): the cost stays
-:math:`O(B^2 N^2 C)`, and the products are the bound.
+:math:`O(B^2 N^2 C)`, and the products are the bound. First derivatives only
+(``once_differentiable``).
 
 **Why not** :func:`torch.nn.functional.scaled_dot_product_attention`. It returns
 :math:`\mathrm{softmax}(QK^\top)V`, which gives the first term
-(:math:`\sum_k p_k u_k = a\, t_r \cdot \sum_k p_k t_k`, values :math:`t` and
-:math:`s`), but not the log-sum-exps, and its backward pass differentiates the
-weighted values, not a log-sum-exp: reading the loss from it takes two attention
-calls (with values of both maps, :math:`C_t + C_s` channels, beside the scores)
-and their backward passes, about twice the products above. Measured on this
-library's CPU (``benchmarks/cirkd.py --sdpa``) the direct pass is faster; see
-the docs' CIRKD guide.
+(:math:`\sum_k p_k u_k = a\, t_r \cdot \sum_k p_k t_k`: queries and keys the
+teacher's, values the teacher's, and the student's for :math:`\sum_k p_k v_k`), but
+not the log-sum-exps (the CPU flash kernel's private entry point returns them), and
+its backward pass differentiates weighted values, not a log-sum-exp. Reading the value
+from it takes three calls per key image, six products' worth against the two here;
+measured on the CPU (``benchmarks/cirkd.py --sdpa``, forward only) they take 1.9x to
+3.3x this forward pass, before any backward pass. See the docs' CIRKD page.
 
 **Rounding.** When the student's relations come close to the teacher's, the KL is
-:math:`O(a^2\delta^2)` for cosines within :math:`\delta`, while the float32 log-sum-exps
-and the sums carry rounding of a few epsilons of :math:`\log N` (and the cosines
-themselves of :math:`a\epsilon`). Each row's value is compared with an estimate of
-that rounding (:func:`_rounding`); rows below :data:`_RECOMPUTE_ULPS` times it are
-recomputed in float64 from the raw inputs, forward and backward, so that the
-float32 loss stays within 1e-4 of a float64 evaluation however close the maps are
-(``tests/test_cirkd.py``). Rows that float64 cannot tell from zero count as zero.
+:math:`O(a^2\delta^2)` for cosines within :math:`\delta`, while float32 rounds the
+sums and the cosines at about :math:`10^{-7}`. The unit vectors are rounded once from
+float64 (:func:`_unit_rows`); each row's value (summed over the key images) is
+compared with an estimate of its rounding (:func:`_rounding`), and rows below
+:data:`_RECOMPUTE_ULPS` times it are recomputed in float64 from the raw inputs,
+forward and backward, so that the float32 loss stays within 1e-4 of a float64
+evaluation however close the maps are (``tests/test_cirkd.py``). Equal maps give
+exactly 0; a value below zero is rounding, and counts as 0.
 """
 
 from __future__ import annotations
@@ -420,14 +424,16 @@ def cirkd_loss(
     ``kl_div(..., reduction='batchmean')``, i.e. the sum over the N rows over N, then
     the mean over the pairs), with its temperature of 0.1 and, like it, without a
     :math:`\tau^2` factor. The relation maps are N x N whatever the channels, so the
-    two maps may have different channel counts (the reference feeds both networks'
-    last 512- or 256-channel head features unprojected).
+    two maps may have different channel counts: the reference feeds both networks'
+    last feature maps before the classifier unprojected (512 channels for its ResNet
+    students and teacher, 128 for its MobileNetV2 student against 512).
 
     Computed without any N x N tensor, forward or backward, to within 1e-4 of a float64
     evaluation in float32, however close the two maps are (see the module docstring):
-    memory :math:`O(BNC)` plus one block of logits; time that of the
-    :math:`O(B^2N^2C)` products. A NaN or an infinity in any image gives NaN (every
-    image is related to every other).
+    memory :math:`O(BNC)` plus one tile of logits; time that of the
+    :math:`O(B^2N^2C)` products. A NaN or an infinity in any image gives NaN for every
+    image (each is related to every other). The gradients are exact for both maps;
+    second derivatives are not provided.
 
     Args:
         student: the student's feature map.
