@@ -62,7 +62,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -229,20 +229,23 @@ def _timed(fn: Callable[[], None], cuda: bool) -> float:
     return time.perf_counter() - start
 
 
-def matmul_bound(case: Case, step: Callable[[], None]) -> dict[str, float]:
-    """Time :func:`matmul_products` as bare ``bmm`` calls, alternating with ``step``
-    (the loss) so that both see the same machine load; medians of each and of
-    the per-pair ratios."""
-    cuda = case.device.startswith("cuda")
-    operands = [(torch.randn(a, device=case.device), torch.randn(b, device=case.device))
-                for a, b in matmul_products(case)]
+def matmul_bound(products: Sequence[tuple[Shape, Shape]], step: Callable[[], None],
+                 device: str, repeats: int) -> dict[str, float]:
+    """Time ``products`` (:func:`matmul_products`, or another loss's) as bare ``bmm``
+    calls, alternating with ``step`` (the loss) so that both see the same machine load;
+    medians of each and of the per-pair ratios. Products of one shape share their
+    operands, so that a loss's thousands of equal tiles need one pair of them."""
+    cuda = device.startswith("cuda")
+    operands = {shape: (torch.randn(shape[0], device=device),
+                        torch.randn(shape[1], device=device)) for shape in set(products)}
+    calls = [operands[shape] for shape in products]
 
-    def products() -> None:
-        for a, b in operands:
+    def run_products() -> None:
+        for a, b in calls:
             torch.bmm(a, b)
 
-    products()
-    pairs = [(_timed(step, cuda), _timed(products, cuda)) for _ in range(case.repeats)]
+    run_products()
+    pairs = [(_timed(step, cuda), _timed(run_products, cuda)) for _ in range(repeats)]
     return {"seconds": statistics.median(p[0] for p in pairs),
             "bound_seconds": statistics.median(p[1] for p in pairs),
             "bound_ratio": statistics.median(p[0] / p[1] for p in pairs)}
@@ -250,11 +253,20 @@ def matmul_bound(case: Case, step: Callable[[], None]) -> dict[str, float]:
 
 def measure(case: Case, fresh: bool = True) -> dict[str, float]:
     """Time and peak extra memory of forward + backward for one case, in this process;
-    for the linear method also its matmul bound. ``fresh``: the process measures no
-    other case (on the CPU its peak memory is then its own even where the kernel's
+    for the linear method also its matmul bound (:func:`measure_step`)."""
+    products = matmul_products(case) if case.method == "linear" else None
+    return measure_step(_make_step(case), case.device, case.repeats, fresh, products)
+
+
+def measure_step(step: Callable[[], None], device: str, repeats: int, fresh: bool = True,
+                 products: Sequence[tuple[Shape, Shape]] | None = None) -> dict[str, float]:
+    """Time (median of ``repeats`` passes after a warm-up pass) and peak extra memory of
+    ``step``, one pass over inputs that already exist, in this process. With
+    ``products``, the passes alternate with them (:func:`matmul_bound`), after the peak
+    is read: their operands are not the loss's memory. ``fresh``: the process measures
+    no other case (on the CPU its peak memory is then its own even where the kernel's
     peak cannot be reset; otherwise it is NaN there)."""
-    cuda = case.device.startswith("cuda")
-    step = _make_step(case)
+    cuda = device.startswith("cuda")
     _sync(cuda)
     if cuda:
         base = torch.cuda.memory_allocated()
@@ -265,17 +277,14 @@ def measure(case: Case, fresh: bool = True) -> dict[str, float]:
             base = -1  # earlier cases' peak: unknown
     step()  # warm-up: one-off allocations and kernel selection stay out of the timings
     _sync(cuda)
-    times = []
-    for _ in range(case.repeats):
-        start = time.perf_counter()
-        step()
-        _sync(cuda)
-        times.append(time.perf_counter() - start)
+    # with products, the passes alternating with them are the timed ones
+    times = [_timed(step, cuda) for _ in range(repeats if products is None else 0)]
     peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
     extra = math.nan if base < 0 else float(max(peak - base, 0))
-    result = {"seconds": statistics.median(times), "peak_extra_bytes": extra}
-    if case.method == "linear":  # after the peak: its operands are not the loss's memory
-        result.update(matmul_bound(case, step))
+    result = {"seconds": statistics.median(times) if times else math.nan,
+              "peak_extra_bytes": extra}
+    if products is not None:
+        result.update(matmul_bound(products, step, device, repeats))
     return result
 
 
@@ -297,29 +306,24 @@ def _failure(proc: subprocess.CompletedProcess[str]) -> str:
     return f"failed ({lines[-1][:80]})"
 
 
-def measure_here(case: Case) -> dict[str, Any]:
-    """Measure one case in this process (``--in-process``); an error, out of memory
-    say, is its status, and what it allocated is freed for the next case."""
+def measure_here(measure_one: Callable[[], dict[str, float]], device: str) -> dict[str, Any]:
+    """Measure one case in this process (``--in-process``) with ``measure_one``; an error,
+    out of memory say, is its status, and what it allocated is freed for the next case."""
     try:
-        return {"status": "ok", **measure(case, fresh=False)}
+        return {"status": "ok", **measure_one()}
     except RuntimeError as error:  # torch.OutOfMemoryError is one
         first = (str(error).strip().splitlines() or [""])[0]
         return {"status": f"failed ({type(error).__name__}: {first[:80]})"}
     finally:
         gc.collect()
-        if case.device.startswith("cuda"):
+        if device.startswith("cuda"):
             torch.cuda.empty_cache()
 
 
-def run_case(case: Case, budget_gb: float, timeout_s: float,
-             in_process: bool = False) -> dict[str, Any]:
-    """Measure one case in a fresh subprocess (or with ``in_process`` in this one), unless
-    dense would not fit the budget."""
-    if case.method.startswith("dense") and dense_need_bytes(case) > budget_gb * GB:
-        return {"status": f"skipped (needs ~{dense_need_bytes(case) / GB:.0f} GB)"}
-    if in_process:
-        return measure_here(case)
-    command = [sys.executable, __file__, "--worker", json.dumps(asdict(case))]
+def run_worker(script: str, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Measure one case in a fresh subprocess, ``script --worker PAYLOAD`` (JSON), whose
+    last line of output is its result (JSON); the result with status 'ok', or why not."""
+    command = [sys.executable, script, "--worker", json.dumps(payload)]
     try:
         proc = subprocess.run(
             command, capture_output=True, text=True, check=False, timeout=timeout_s
@@ -334,6 +338,17 @@ def run_case(case: Case, budget_gb: float, timeout_s: float,
         return {"status": "failed (no result on stdout)"}
 
 
+def run_case(case: Case, budget_gb: float, timeout_s: float,
+             in_process: bool = False) -> dict[str, Any]:
+    """Measure one case in a fresh subprocess (or with ``in_process`` in this one), unless
+    dense would not fit the budget."""
+    if case.method.startswith("dense") and dense_need_bytes(case) > budget_gb * GB:
+        return {"status": f"skipped (needs ~{dense_need_bytes(case) / GB:.0f} GB)"}
+    if in_process:
+        return measure_here(lambda: measure(case, fresh=False), case.device)
+    return run_worker(__file__, asdict(case), timeout_s)
+
+
 def header(device: str) -> str:
     """One line: the machine, torch's threads and version, the device, the command."""
     where = device
@@ -346,7 +361,7 @@ def header(device: str) -> str:
     )
 
 
-def _ratios(result: dict[str, Any], linear: dict[str, Any] | None) -> tuple[str, str]:
+def ratios(result: dict[str, Any], linear: dict[str, Any] | None) -> tuple[str, str]:
     """Linear's speed-up and memory saving over a dense row, as table cells."""
     if result["status"] != "ok" or linear is None or linear["status"] != "ok":
         return "", ""
@@ -366,7 +381,7 @@ def table_row(case: Case, result: dict[str, Any], linear: dict[str, Any] | None)
             ("n/a" if math.isnan(memory) else f"{memory / MB:,.0f}")
     else:
         cells = f"{result['status']} | "
-    speed, ratio = _ratios(result, linear) if case.method != "linear" else ("", "")
+    speed, ratio = ratios(result, linear) if case.method != "linear" else ("", "")
     bound = " | "
     if result["status"] == "ok" and "bound_seconds" in result:
         bound = f"{result['bound_seconds']:.3f} | {result['bound_ratio']:.2f}"

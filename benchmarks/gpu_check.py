@@ -17,7 +17,11 @@ The parts, in this order (the most valuable first, in case time runs out):
    128 x 128 and 128 x 256, in float32 and under bf16 autocast (``--precisions`` adds
    TF32: cuBLAS and cuDNN allowed to use it), through ``benchmarks/affinity.py``'s
    command line, one process (one CUDA context) per loss and precision
-   (``--in-process``);
+   (``--in-process``); and, after the float32 runs, every distillation loss of the
+   library (``benchmarks/methods.py``: time, peak memory, the relational losses beside
+   their dense readings and matmul bounds) in float32 at Cityscapes' training sizes
+   (CIRKD's crop, 512 x 1024, and the pipeline's, 769 x 769, at output stride 8: B = 2,
+   C = 512, 64 x 128 and B = 4, C = 256, 97 x 97), its table in the same file;
 4. ``torchrun-cityscapes.md``: as 1., on a synthetic Cityscapes tree (frames of
    1024 x 2048, crop 769, batch 8, evaluated at full resolution);
 5. ``summary.md``: the machine, each part's status and time, and the commands.
@@ -38,13 +42,13 @@ figures) up to date after every part: two files to copy back from the machine.
 Two smaller modes run on the CPU with gloo:
 
 - ``--quick`` (the default when CUDA is missing): the digit scenes' networks and data
-  for the pipeline and torchrun parts (no ONNX) and the losses' 32 x 32 case under
-  bf16 autocast only; the CI test of this script;
+  for the pipeline and torchrun parts (no ONNX), the losses' 32 x 32 case under
+  bf16 autocast only, and every method's ``--quick`` case; the CI test of this script;
 - ``--tiny``: the full mode's every code path at tiny sizes: its parts in its order,
   the same tree builders (48 x 48 images, 32 x 64 frames, crop 32), the same flags
   but for sizes, steps and workers, the paper's networks for the pipeline benchmark
   (33 x 33 and 33 x 65 batches), ONNX, the losses at 32 x 32 in each precision
-  (in-process). Four to six minutes on a 2-core CPU.
+  and every method at 64 x 64 (in-process). Four to six minutes on a 2-core CPU.
 
     python benchmarks/gpu_check.py --out gpu-check                      # one GPU, ~6 min
     python benchmarks/gpu_check.py --out /tmp/gc --bundle "$OUT"        # and 2 files to copy
@@ -161,6 +165,8 @@ class Plan:
     """What the export stage writes."""
     caps: dict[str, float] = field(default_factory=dict)
     """The most seconds each part may take, by key (the global budget aside)."""
+    methods_flags: tuple[str, ...] = ()
+    """benchmarks/methods.py's flags: sizes, repeats, --in-process, memory budget."""
 
     @property
     def title(self) -> str:
@@ -183,7 +189,8 @@ def make_plan(mode: Literal["full", "tiny", "quick"],
                         "--rounds", "1")},
             (Tree("digits", None, (48, 48), 16, 8,
                   ("--scenes", "16", "8", "--batch-size", "4", "--eval-batch-size", "4")),),
-            ("--device", "cpu"), 2, formats)
+            ("--device", "cpu"), 2, formats,
+            methods_flags=("--quick", "--repeats", "1", "--in-process"))
     if mode == "tiny":  # the full mode's flags, at tiny sizes on the CPU
         return Plan(
             mode, "cpu", tuple(precisions or ("fp32", "bf16")), both,
@@ -194,7 +201,8 @@ def make_plan(mode: Literal["full", "tiny", "quick"],
             (Tree("voc", make_voc, (48, 48), 4, 2),
              Tree("cityscapes", make_cityscapes, (32, 64), 4, 2)),
             ("--amp", "bf16", "--workers", "1", "--device", "cpu", "--crop", "32",
-             "--batch-size", "2"), 1, formats)
+             "--batch-size", "2"), 1, formats,
+            methods_flags=("--sizes", "2x16x64x64", "--repeats", "1", "--in-process"))
     return Plan(
         mode, "cuda", tuple(precisions or ("fp32", "bf16")), both,
         ("--sizes", "64x64", "128x128", "128x256", "--repeats", "3", "--in-process"),
@@ -206,7 +214,11 @@ def make_plan(mode: Literal["full", "tiny", "quick"],
          Tree("cityscapes", make_cityscapes, (1024, 2048), 8, 2, ("--batch-size", "8"))),
         ("--amp", "bf16", "--workers", "4"), 3, formats,
         caps={"torchrun-voc": 150, "pipeline-voc": 120, "pipeline-cityscapes": 150,
-              "losses": 150, "torchrun-cityscapes": 240})
+              "losses": 210, "torchrun-cityscapes": 240},
+        # Cityscapes' training crops at output stride 8: CIRKD's (512 x 1024, its 512-channel
+        # features, 2 images a GPU) and the pipeline's (769, 4 images)
+        methods_flags=("--sizes", "2x512x64x128", "4x256x97x97", "--repeats", "3",
+                       "--in-process", "--memory-budget-gb", "64"))
 
 
 # ---- running commands within the budget ------------------------------------------------------
@@ -405,20 +417,36 @@ def loss_command(plan: Plan, flags: Sequence[str], stem: Path) -> list[str]:
             *plan.loss_flags, "--markdown", f"{stem}.md", "--json", f"{stem}.json"]
 
 
+METHODS_RUN = "every method"
+"""The losses part's run of ``benchmarks/methods.py``, beside the losses' names."""
+
+
+def methods_command(plan: Plan, stem: Path) -> list[str]:
+    """The command that measures every method (``benchmarks/methods.py``) in one process,
+    writing ``stem.md`` and ``stem.json``."""
+    return [sys.executable, str(BENCHMARKS / "methods.py"), "--device", plan.device,
+            *plan.methods_flags, "--markdown", f"{stem}.md", "--json", f"{stem}.json"]
+
+
 def losses(check: Check, part: Part) -> None:
-    """``benchmarks/affinity.py`` for each loss and precision (one process each, every case
-    in it), its tables gathered into affinity.md as each ends."""
+    """``benchmarks/affinity.py`` for each loss and precision, and ``benchmarks/methods.py``
+    in float32 (one process each, every case in it), their tables gathered into
+    affinity.md as each ends."""
     plan, out = check.plan, check.out
     shim = Path(tempfile.mkdtemp(prefix="gpu-check-precision-"))
     (shim / "sitecustomize.py").write_text(SITECUSTOMIZE)
     sections = []
     statuses = []
-    runs = [(precision, loss, flags)  # float32 and bf16 of both losses before TF32
-            for precision in sorted(plan.precisions, key=PRECISIONS.index)
-            for loss, flags in plan.losses]
-    for k, (precision, loss, flags) in enumerate(runs):
-        stem = out / "raw" / f"{loss}-{precision}"
-        command = loss_command(plan, flags, stem)
+    precisions = sorted(plan.precisions, key=PRECISIONS.index)
+    runs = [(loss, precision, out / "raw" / f"{loss}-{precision}")  # fp32, bf16, then TF32
+            for precision in precisions for loss, _ in plan.losses]
+    # every method, in float32, after the float32 runs of the two losses (or after all)
+    runs.insert(len(plan.losses) if "fp32" in precisions else len(runs),
+                (METHODS_RUN, "fp32", out / "raw" / "methods-fp32"))
+    flags = dict(plan.losses)
+    for k, (loss, precision, stem) in enumerate(runs):
+        command = methods_command(plan, stem) if loss == METHODS_RUN else \
+            loss_command(plan, flags[loss], stem)
         # at most twice its share of the time left, so that one hung run leaves the others
         # theirs
         status = check.run(part, command, _env([shim], **{PRECISION_ENV: precision}),

@@ -110,3 +110,142 @@ def test_readme_affinity_table_is_the_committed_benchmark_table():
         assert line is not None, f"no README row for {case}"
         assert expected[1] in line and line.endswith(expected[2]), (
             f"README row for {case} differs from docs/benchmarks/affinity_cpu.md: {line}")
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    """The cells of every body row of a Markdown table."""
+    return [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in markdown.splitlines()
+            if line.startswith("| ") and not line.startswith("| case")]
+
+
+def _methods_run(tmp_path, *flags: str) -> tuple[str, list[dict]]:
+    """Run benchmarks/methods.py in-process (one subprocess) with ``flags``; its Markdown
+    and its raw results."""
+    md, out = tmp_path / "t.md", tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "methods.py"), *flags, "--in-process", "--repeats",
+         "1", "--markdown", str(md), "--json", str(out)],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return md.read_text(), json.loads(out.read_text())
+
+
+def _check_rows(text: str, raw: list[dict], case: str, skipped: set[str]) -> None:
+    """A row per method and form, in order, each measured (but ``skipped`` and, where the
+    checkout lacks it, cirkd_loss), linear rows with their bound, dense with ratios; the
+    targets and, at the foot, the machine and the command."""
+    methods = _load("methods")
+    rows = _table_rows(text)
+    expected = [(name, form or "-") for name, spec in methods.METHODS.items()
+                for form in methods.forms(spec)]
+    assert [(r[2], r[3]) for r in rows] == expected
+    assert all(r[0] == case for r in rows)
+    if methods.cirkd() is None:
+        skipped = skipped | {"cirkd_loss"}
+    for cells, result in zip(rows, raw):
+        if cells[2] in skipped:
+            assert result["status"].startswith("skipped ("), result
+            continue
+        assert result["status"] == "ok" and result["seconds"] > 0, result
+        assert cells[4] == f"{result['seconds']:.3f}" and cells[5]
+        if cells[3] == "linear":  # the matmul bound beside it
+            assert result["bound_seconds"] > 0 and cells[6] and float(cells[7]) > 0
+        if cells[3] == "dense":  # and its ratios to the linear row
+            assert float(cells[8]) > 0 and cells[9]
+    assert "Targets:" in text and "- cirkd_loss within 1.5x of its matmul bound" in text
+    foot = text.rstrip().splitlines()[-1]
+    assert foot.startswith("Machine: ") and "benchmarks/methods.py --" in foot
+
+
+def test_methods_benchmark_has_a_row_per_method(tmp_path):
+    text, raw = _methods_run(tmp_path, "--sizes", "2x4x16x16")
+    _check_rows(text, raw, "2, 4, 16x16", skipped={"HolisticLoss"})  # under 64 x 64
+
+
+@pytest.mark.slow
+def test_methods_benchmark_quick_run_measures_every_method(tmp_path):
+    text, raw = _methods_run(tmp_path, "--quick")
+    _check_rows(text, raw, "1, 8, 64x64", skipped=set())
+
+
+def test_methods_benchmark_gives_the_estimates_of_what_it_does_not_run(tmp_path):
+    md = tmp_path / "t.md"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "methods.py"), "--sizes", "2x4x8x8", "2x4x16x16",
+         "--methods", "affinity_loss", "HolisticLoss", "--in-process", "--repeats", "1",
+         "--memory-budget-gb", "0", "--max-pass-s", "0", "--markdown", str(md)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r[0], r[2], r[3]): r for r in _table_rows(md.read_text())}
+    assert rows[("2, 4, 8x8", "affinity_loss", "linear")][4] != ""
+    dense = rows[("2, 4, 8x8", "affinity_loss", "dense")]
+    assert dense[4] == "not run: over the memory budget" and dense[5].endswith("(estimate)")
+    predicted = rows[("2, 4, 16x16", "affinity_loss", "linear")][4]
+    assert predicted.startswith("not run: ~") and predicted.endswith(
+        " s a pass (predicted from 2, 4, 8x8)")
+    assert rows[("2, 4, 8x8", "HolisticLoss", "-")][4] == \
+        "skipped (needs maps of at least 64 x 64)"
+
+
+def test_dense_cirkd_reading_equals_the_library_loss_values_and_gradients():
+    methods = _load("methods")
+    module = methods.cirkd()
+    if module is None:
+        pytest.skip("segdistill/losses/cirkd.py is not in this checkout")
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 5, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 7, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    got, want = methods.dense_cirkd_loss(s, t), module.cirkd_loss(s, t)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (s, t)), torch.autograd.grad(want, (s, t))):
+        torch.testing.assert_close(a, b)
+
+
+def test_cirkd_bound_times_the_products_the_library_runs():
+    """Same multiply-add count as the library's own products, forward and backward, with
+    a frozen teacher (as the affinity bound's test above)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    methods = _load("methods")
+    module = methods.cirkd()
+    if module is None:
+        pytest.skip("segdistill/losses/cirkd.py is not in this checkout")
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.madds = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in ("mm", "addmm", "addmm_", "bmm"):
+                a, b = args[-2], args[-1]
+                self.madds += a.shape[-2] * a.shape[-1] * b.shape[-1]
+            return func(*args, **(kwargs or {}))
+
+    # 20 x 30 positions: query blocks, key tiles and images that do not divide evenly
+    case = methods.Case(2, 8, 20, 30, "cirkd_loss", "linear", "cpu", 1, 1)
+    student = torch.randn(2, 8, 20, 30, requires_grad=True)
+    teacher = torch.randn(2, 8, 20, 30)
+    with Count() as count:
+        module.cirkd_loss(student, teacher).backward()
+    expected = sum(a[0] * a[1] * a[2] * b[2] for a, b in methods.cirkd_products(case))
+    assert count.madds == expected
+
+
+@pytest.mark.parametrize("mode, sizes", [
+    ("full", [(2, 512, 64, 128), (4, 256, 97, 97)]),  # Cityscapes' training crops, stride 8
+    ("tiny", [(2, 16, 64, 64)]),
+    ("quick", None),
+])
+def test_the_gpu_checks_methods_step_parses(tmp_path, mode, sizes):
+    pytest.importorskip("numpy")
+    gpu_check, methods = _load("gpu_check"), _load("methods")
+    plan = gpu_check.make_plan(mode)
+    command = gpu_check.methods_command(plan, tmp_path / "methods")
+    assert command[1] == str(BENCHMARKS / "methods.py")
+    args = methods.parse_args(command[2:])
+    assert args.in_process and args.sizes == sizes and args.quick == (sizes is None)
+    assert args.device == ("cuda" if mode == "full" else "cpu")
+    assert (args.markdown, args.json) == (f"{tmp_path / 'methods'}.md",
+                                          f"{tmp_path / 'methods'}.json")
