@@ -349,3 +349,28 @@ if __name__ == "__main__":
     table = table_rows()
     print(markdown_table(table), end="\n\n")
     print(rst_table(table))
+
+
+# ---- the field's methods on a zoo pair -----------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,options", [
+    ("dist", {}),
+    ("mgd", {"layers": True}),
+    ("ifvd", {"layers": True, "num_classes": CLASSES}),
+    ("cirkd", {"layers": True, "num_classes": CLASSES}),
+    ("cwd", {"layers": True}),
+])
+def test_the_fields_methods_train_a_torchvision_pair(preset, options):
+    """Each new method, through its preset, trains torchvision's pair two steps."""
+    teacher = shared_teacher("deeplabv3_resnet50")
+    torch.manual_seed(0)
+    student = torchvision_model("lraspp_mobilenet_v3_large")
+    options = dict(options)
+    if options.pop("layers", False):
+        options.update(teacher_layer="classifier.3", student_layer="backbone['high']")
+        if preset != "ifvd":
+            options["example_input"] = _batch()[0][:1]
+    wrapper = presets.get_preset(preset)(teacher, student, resize="teacher", **options)
+    out = _train(wrapper)
+    assert set(out.losses) == set(wrapper.terms)
