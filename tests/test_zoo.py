@@ -374,3 +374,32 @@ def test_the_fields_methods_train_a_torchvision_pair(preset, options):
     wrapper = presets.get_preset(preset)(teacher, student, resize="teacher", **options)
     out = _train(wrapper)
     assert set(out.losses) == set(wrapper.terms)
+
+
+@pytest.mark.slow
+def test_the_holistic_term_trains_a_torchvision_pair_and_its_discriminator():
+    from segdistill import discriminator_optimizer
+
+    teacher = shared_teacher("deeplabv3_resnet50")
+    torch.manual_seed(0)
+    student = torchvision_model("lraspp_mobilenet_v3_large")
+    wrapper = presets.holistic(teacher, student, num_classes=CLASSES, width=8).train()
+    optimizer = torch.optim.SGD(wrapper.trainable_parameters(), lr=0.01)
+    d_optimizer = discriminator_optimizer(wrapper.separately_optimized_parameters())
+    disc = wrapper.terms["holistic"].loss.discriminator
+    before = [p.detach().clone() for p in disc.parameters()]
+    try:
+        for step in range(2):  # the discriminator takes logits of at least 64 x 64
+            images, labels = _batch(step, size=64)
+            images = F.interpolate(images, size=(64, 64), mode="bilinear")
+            out = wrapper(images)
+            loss = F.cross_entropy(out.output["out"], labels, ignore_index=255) + out.loss
+            assert torch.isfinite(out.losses["holistic"])
+            for opt in (optimizer, d_optimizer):
+                opt.zero_grad()
+            loss.backward()
+            for opt in (optimizer, d_optimizer):
+                opt.step()
+    finally:
+        wrapper.remove_hooks()
+    assert any(not torch.equal(p, b) for p, b in zip(disc.parameters(), before))
