@@ -24,7 +24,7 @@ from torch import Tensor
 
 from segdistill._checks import check_same_batch, check_same_device
 
-__all__ = ["check_ignore_index", "counted_pixels"]
+__all__ = ["check_ignore_index", "counted_pixels", "labels_on_grid"]
 
 
 def check_ignore_index(ignore_index: object) -> None:
@@ -61,6 +61,21 @@ def _check_label_values(target: Tensor, classes: int, ignore_index: int | None) 
                                        else f" or ignore_index={ignore_index}")
         raise ValueError(f"labels must be in {allowed}, got values from {int(counted.min())} "
                          f"to {int(counted.max())}")
+
+
+def labels_on_grid(target: Tensor, size: tuple[int, int]) -> Tensor:
+    """Integer labels (B, H_l, W_l) nearest-resized onto ``size`` (the rule's grid step;
+    unchanged when already there). Every loss that reads the label values, not only the
+    mask, calls this, so values and mask come from the same source pixel.
+
+    Example:
+        >>> labels_on_grid(torch.tensor([[[0, 1], [2, 3]]]), (4, 4))[0, 0]
+        tensor([0, 0, 1, 1])
+    """
+    if tuple(target.shape[-2:]) == tuple(size):
+        return target
+    resized = F.interpolate(target[:, None].float(), size=size, mode="nearest")[:, 0]
+    return resized.to(target.dtype)
 
 
 def counted_pixels(target: Tensor | None, logits: Tensor, ignore_index: int | None,
@@ -102,8 +117,4 @@ def counted_pixels(target: Tensor | None, logits: Tensor, ignore_index: int | No
         _check_label_values(target, logits.shape[1], ignore_index)
     if ignore_index is None:
         return None
-    valid = target != ignore_index
-    size = tuple(logits.shape[-2:])
-    if tuple(valid.shape[-2:]) != size:
-        valid = F.interpolate(valid[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
-    return valid
+    return labels_on_grid(target, (logits.shape[-2], logits.shape[-1])) != ignore_index

@@ -23,7 +23,7 @@ from segdistill._features import (
     full_precision,
     normalize_channels,
 )
-from segdistill._labels import check_ignore_index, counted_pixels
+from segdistill._labels import check_ignore_index, counted_pixels, labels_on_grid
 from segdistill._reduction import Reduction, check_reduction, nan_where_nonfinite, reduce_loss
 from segdistill.losses._kl import softened_kl
 
@@ -503,10 +503,7 @@ class CIRKDMemory(nn.Module):
         batch, _, height, width = teacher.shape
         like = teacher.new_empty(()).expand(batch, classes, height, width)
         valid = counted_pixels(target, like, self.ignore_index, self.validate_args)
-        labels = target.long()
-        if tuple(target.shape[-2:]) != (height, width):  # the same nearest rule as the mask
-            labels = F.interpolate(target[:, None].float(), size=(height, width),
-                                   mode="nearest")[:, 0].long()
+        labels = labels_on_grid(target, (height, width)).long()  # the mask's grid step
         counted = (labels >= 0) & (labels < classes)
         if valid is not None:
             counted &= valid

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segdistill._checks import check_feature_pair, check_positive_int, check_real
@@ -16,7 +15,7 @@ from segdistill._features import (
     full_precision,
     normalize_channels,
 )
-from segdistill._labels import check_ignore_index, counted_pixels
+from segdistill._labels import check_ignore_index, counted_pixels, labels_on_grid
 from segdistill._reduction import Reduction, check_reduction, nan_where_nonfinite, reduce_loss
 from segdistill.losses._gram import _own_graph
 
@@ -48,13 +47,11 @@ class _Classes(NamedTuple):
 
 def _classes(target: Tensor, valid: Tensor | None, num_classes: int, size: tuple[int, int],
              dtype: torch.dtype) -> _Classes:
-    """The labels nearest-resized onto ``size`` (the same ``F.interpolate(mode='nearest')``
-    call by which :func:`counted_pixels` resizes its mask, so both pick the same source
-    pixel), as classes; a pixel that ``valid`` leaves out is in none, even when
-    ``ignore_index`` is in ``[0, K)``."""
-    if tuple(target.shape[-2:]) != size:
-        target = F.interpolate(target[:, None].float(), size=size, mode="nearest")[:, 0]
-    labels = target.long().flatten(1)
+    """The labels on ``size`` (:func:`~segdistill._labels.labels_on_grid`, the grid step
+    of :func:`counted_pixels` too, so both read the same source pixel), as classes; a
+    pixel that ``valid`` leaves out is in none, even when ``ignore_index`` is in
+    ``[0, K)``."""
+    labels = labels_on_grid(target, size).long().flatten(1)
     classes = torch.arange(num_classes, device=labels.device)
     member = labels[:, None, :] == classes[None, :, None]
     if valid is not None:
