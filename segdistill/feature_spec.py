@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TypeAlias, cast
 
 from segdistill._checks import check_positive_int
+from segdistill.tokens import TokenGrid
 
 __all__ = ["FeatureLike", "FeatureSpec", "Selector", "as_spec", "parse_layer"]
 Selector: TypeAlias = str | int
@@ -80,9 +81,17 @@ class FeatureSpec:
             mapping (``'encoder[-1]'``, ``"backbone['high']"``).
         channels: the map's channels :math:`C`, or ``None`` if unknown.
         stride: the map's output stride (input size / map size), or ``None``.
+        call: which call of a module that runs several times in one forward to
+            capture: ``0`` the first, ``-1`` the last (torchvision's ResNet blocks
+            call one ``relu`` two or three times). ``None``: the module must run
+            exactly once per forward, and the first step raises when it does not.
+        tokens: the layer gives ViT tokens :math:`(B, P + N, C)`: put them on their
+            patch grid as :math:`(B, C, H, W)` (see :mod:`segdistill.tokens`)
+            before anything else reads them.
 
     Raises:
-        TypeError: ``layer`` is not a string, or a count is not an int.
+        TypeError: ``layer`` is not a string, a count is not an int, or ``tokens``
+            is not a :class:`~segdistill.TokenGrid`.
         ValueError: a malformed selector, or a count below 1.
 
     Example:
@@ -96,6 +105,8 @@ class FeatureSpec:
     layer: str
     channels: int | None = None
     stride: int | None = None
+    call: int | None = None
+    tokens: TokenGrid | None = None
     module_path: str = field(init=False, repr=False, compare=False)
     selectors: tuple[Selector, ...] = field(init=False, repr=False, compare=False)
 
@@ -107,6 +118,19 @@ class FeatureSpec:
             value = getattr(self, name)
             if value is not None:
                 check_positive_int(f"FeatureSpec.{name}", value)
+        if self.call is not None and (isinstance(self.call, bool)
+                                      or not isinstance(self.call, int)):
+            raise TypeError(f"expected FeatureSpec.call to be an int (0 = the first call, "
+                            f"-1 = the last) or None, got {type(self.call).__name__}")
+        if self.tokens is not None and not isinstance(self.tokens, TokenGrid):
+            raise TypeError(f"expected FeatureSpec.tokens to be a TokenGrid, got "
+                            f"{type(self.tokens).__name__}")
+
+    def __repr__(self) -> str:
+        shown = [f"layer={self.layer!r}", f"channels={self.channels}", f"stride={self.stride}"]
+        shown += [f"{name}={getattr(self, name)!r}" for name in ("call", "tokens")
+                  if getattr(self, name) is not None]
+        return f"FeatureSpec({', '.join(shown)})"
 
 
 FeatureLike: TypeAlias = str | FeatureSpec

@@ -12,19 +12,22 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, TypeAlias, cast
+from typing import Any, NamedTuple, TypeAlias, cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from segdistill.feature_spec import FeatureLike, FeatureSpec, Selector, as_spec, parse_layer
+from segdistill.tokens import tokens_to_map
 
 __all__ = [
     "FeatureHooks",
     "OutputSelector",
     "Selector",
+    "call_model",
     "feature_shapes",
+    "image_size",
     "parse_layer",
     "probe_features",
     "resolve_module",
@@ -267,6 +270,37 @@ def take_feature(features: Mapping[str, Tensor], name: str, what: str) -> Tensor
     return x
 
 
+class _Capture:
+    """One layer's forward hook: an object rather than a closure, so that a copy of the
+    model or of a wrapper (``copy.deepcopy``, ``pickle``, ``torch.save``) carries a hook
+    that refers to the copy's own :class:`FeatureHooks`."""
+
+    def __init__(self, owner: FeatureHooks, name: str) -> None:
+        self.owner = owner
+        self.name = name
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.owner._record(self.name, module, output)
+
+
+def _version(x: Any) -> int | None:
+    """A tensor's version counter (bumped by every in-place write); ``None`` where there is
+    none (inference tensors, non-tensors)."""
+    if not isinstance(x, Tensor) or x.is_inference():
+        return None
+    return int(x._version)
+
+
+class _Call(NamedTuple):
+    """One captured call: the value kept, the tensor it came from and that tensor's
+    version at capture (``None``: nothing to check, the value is a copy)."""
+
+    value: Any
+    source: Tensor | None
+    version: int | None
+    selected: bool
+
+
 class FeatureHooks:
     """Forward hooks that store the outputs of named submodules, one step at a time.
 
@@ -279,6 +313,21 @@ class FeatureHooks:
     list, a tuple or a mapping needs a selector in its path
     (``'encoder[-1]'``, ``"backbone['high']"``): :meth:`pop` never takes an
     element silently.
+
+    What is handed out is exactly the module's output at that call:
+
+    * A later in-place write (torchvision's ``out += identity`` and
+      ``ReLU(inplace=True)`` after a block's ``bn2``) is caught by the tensor's
+      version counter. The first capture of each layer is a copy; a layer whose
+      output was written after capture is copied from then on (one copy of that
+      map per step), the others are not. A write in a later step that the first
+      step did not show raises (never a silently different map).
+    * A module that runs more than once per forward (one ``relu`` called per
+      block stage) raises at :meth:`pop`, naming the path and the count, unless
+      its :class:`~segdistill.FeatureSpec` chooses a call (``call=0``, ``call=-1``).
+    * Only calls made while :attr:`active` count: the wrapper switches its hooks on
+      for its own forward only, so a recomputation in a checkpointed backward or
+      the forward of a copy (an EMA model) stores nothing.
 
     Args:
         model: the model to watch (compiled or DDP-wrapped models are
@@ -318,9 +367,18 @@ class FeatureHooks:
         self.specs: dict[str, FeatureSpec] = specs
         self.layers: dict[str, str] = {name: spec.layer for name, spec in specs.items()}
         self.owner = owner
+        self.active = True
+        """Whether forwards are recorded now (the wrapper sets it around its own forward)."""
+        self.without_grad: set[str] = set()
+        """The layers that :meth:`pop` last handed out from a call made with gradients
+        disabled (``torch.no_grad``, or ``torch.utils.checkpoint(use_reentrant=True)``)."""
         self._modules = {name: resolve_module(model, spec.module_path, spec.layer)
                          for name, spec in specs.items()}
-        self._features: dict[str, Any] = {}
+        self._calls: dict[str, list[_Call]] = {}
+        self._counts: dict[str, int] = {}
+        self._no_grad: set[str] = set()
+        self._copied: set[str] = set()  # layers written in place after capture: copied
+        self._checked: set[str] = set()  # layers seen once without a later write
         self._handles: list[RemovableHandle] = []
         self.attach()
 
@@ -329,36 +387,111 @@ class FeatureHooks:
         if self._handles:
             return
         for name, module in self._modules.items():
-            self._handles.append(module.register_forward_hook(self._store(name)))
+            self._handles.append(module.register_forward_hook(_Capture(self, name)))
 
-    def _store(self, name: str) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self._features[name] = output
+    @contextmanager
+    def capturing(self) -> Iterator[None]:
+        """Record forwards inside this block only (:attr:`active`), starting empty."""
+        previous, self.active = self.active, True
+        self.clear()
+        try:
+            yield
+        finally:
+            self.active = previous
 
-        return hook
+    def _record(self, name: str, module: nn.Module, output: Any) -> None:
+        if not self.active or module is not self._modules.get(name):
+            return
+        count = self._counts[name] = self._counts.get(name, 0) + 1
+        call = self.specs[name].call
+        if (call is None and count > 1) or (call is not None and 0 <= call != count - 1):
+            return  # raised at pop (None), or not the chosen call
+        if not torch.is_grad_enabled():
+            self._no_grad.add(name)
+        else:
+            self._no_grad.discard(name)
+        value, source, selected = output, None, True
+        if self.specs[name].selectors:
+            try:
+                value = _select_layer(output, self.layers[name], self.specs[name].selectors,
+                                      f"the {self.owner}'s layer")
+            except ValueError:
+                value, selected = output, False  # pop raises with the full message
+        if selected and isinstance(value, Tensor):
+            copy_now = name in self._copied or name not in self._checked \
+                or torch.compiler.is_compiling()
+            source, value = value, (value.clone() if copy_now else value)
+            if torch.compiler.is_compiling():
+                source = None  # traced: the copy is the module's output, no counter to read
+        kept = _Call(value, source, _version(source), selected)
+        calls = self._calls.setdefault(name, [])
+        calls.append(kept)
+        if call is not None and call < 0:
+            del calls[:call]  # the last -call calls
 
     def what(self, name: str) -> str:
         """How messages call the feature ``name``: by the layer path the user wrote."""
         return f"the {self.owner}'s layer {self.layers[name]!r}"
 
-    def pop(self) -> dict[str, Tensor]:
-        """Return the tensors captured since the last call (selectors applied) and forget them.
+    def pop(self, image_size: tuple[int, int] | None = None) -> dict[str, Tensor]:
+        """Return the tensors captured since the last call (selectors applied, tokens put on
+        their grid) and forget them.
+
+        Args:
+            image_size: the input's ``(height, width)``, for layers whose spec has
+                ``tokens=`` (their patch grid).
 
         Raises:
             ValueError: a captured output is not a tensor after its selectors
                 (the message shows what it holds and the selector syntax), or a
-                selector does not fit it.
+                selector does not fit it, or tokens do not fit their grid.
+            RuntimeError: a module ran more than once with no call chosen, fewer
+                times than the chosen call, or its output was written in place
+                after capture in a step where the first step showed no write.
         """
-        features, self._features = self._features, {}
-        return {
-            name: _select_layer(value, self.layers[name], self.specs[name].selectors,
-                                f"the {self.owner}'s layer")
-            for name, value in features.items()
-        }
+        calls, counts, no_grad = self._calls, self._counts, self._no_grad
+        self._calls, self._counts, self._no_grad = {}, {}, set()
+        self.without_grad = {name for name in calls if name in no_grad}
+        return {name: self._handed_out(name, calls.get(name, []), counts[name], image_size)
+                for name in counts}
+
+    def _handed_out(self, name: str, calls: list[_Call], count: int,
+                    image_size: tuple[int, int] | None) -> Tensor:
+        spec = self.specs[name]
+        if spec.call is None and count > 1:
+            raise RuntimeError(
+                f"{self.what(name)} ran {count} times in one forward, so which output to "
+                f"capture is ambiguous (torchvision's ResNet blocks call one relu 2 or 3 "
+                f"times); choose a call with FeatureSpec({spec.layer!r}, call=0) (0 = the "
+                "first, -1 = the last), or a module that runs once")
+        if not calls or (spec.call is not None and spec.call < 0 and count < -spec.call):
+            raise RuntimeError(f"{self.what(name)} ran {count} times in one forward, but its "
+                               f"FeatureSpec asks for call={spec.call}")
+        kept = calls[0]
+        if kept.source is not None and _version(kept.source) != kept.version:
+            self._written_in_place(name)
+        self._checked.add(name)
+        value = _select_layer(kept.value, spec.layer, () if kept.selected else spec.selectors,
+                              f"the {self.owner}'s layer")
+        if spec.tokens is not None and value.ndim == 3:
+            value = tokens_to_map(value, spec.tokens, image_size)
+        return value
+
+    def _written_in_place(self, name: str) -> None:
+        """The captured tensor was written after capture: copy it from now on; raise if the
+        value handed out now is not a copy."""
+        first_time = name not in self._copied
+        self._copied.add(name)
+        if name in self._checked and first_time:
+            raise RuntimeError(
+                f"{self.what(name)} was written in place after it was captured (e.g. "
+                "`out += identity` or ReLU(inplace=True) later in the block), which the "
+                "first step did not show; this step's map is not the module's output, so "
+                "the step is refused. Later steps copy it at capture")
 
     def clear(self) -> None:
         """Forget captured outputs (e.g. after a step that raised)."""
-        self._features = {}
+        self._calls, self._counts, self._no_grad = {}, {}, set()
 
     def remove(self) -> None:
         """Unregister every hook; :meth:`attach` registers them again."""
@@ -382,6 +515,25 @@ class FeatureHooks:
         return f"FeatureHooks({self.layers})"
 
 
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` on one batch: a mapping as keyword arguments (a Hugging Face batch,
+    ``{"pixel_values": x}``), anything else as the one positional argument."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
+
+
+def image_size(inputs: Any) -> tuple[int, int] | None:
+    """The ``(height, width)`` of a batch's images: a tensor's last two sizes, or those
+    of a mapping's ``pixel_values`` (else its first 4-D tensor); ``None`` if none."""
+    if isinstance(inputs, Mapping):
+        values = [inputs["pixel_values"]] if "pixel_values" in inputs else list(inputs.values())
+        inputs = next((v for v in values if isinstance(v, Tensor) and v.ndim == 4), None)
+    if isinstance(inputs, Tensor) and inputs.ndim >= 3:
+        return int(inputs.shape[-2]), int(inputs.shape[-1])
+    return None
+
+
 def _probe(model: nn.Module, layers: Mapping[str, FeatureLike] | Sequence[FeatureLike],
            example_input: Any, owner: str) -> tuple[FeatureHooks, Any, dict[str, Tensor]]:
     """One no-grad forward in eval mode with hooks on ``layers``: the hooks (already
@@ -391,8 +543,8 @@ def _probe(model: nn.Module, layers: Mapping[str, FeatureLike] | Sequence[Featur
     try:
         model.eval()
         with torch.no_grad():
-            out = model(example_input)
-        captured = hooks.pop()
+            out = call_model(model, example_input)
+        captured = hooks.pop(image_size(example_input))
     finally:
         hooks.remove()
         for module, mode in modes:
@@ -442,9 +594,10 @@ def feature_shapes(model: nn.Module, layers: Mapping[str, FeatureLike] | Sequenc
 
 def _stride(example_input: Any, feature: Tensor) -> int | None:
     """The output stride of ``feature`` on an image batch, rounded (513 / 65 -> 8)."""
-    if not isinstance(example_input, Tensor) or example_input.ndim != 4 or feature.ndim != 4:
+    size = image_size(example_input)
+    if size is None or feature.ndim != 4:
         return None
-    ratio = example_input.shape[-2] / max(feature.shape[-2], 1)
+    ratio = size[0] / max(feature.shape[-2], 1)
     return max(1, round(ratio)) if math.isfinite(ratio) else None
 
 

@@ -53,7 +53,7 @@ from segdistill.losses.kd import KDLoss
 from segdistill.losses.mgd import MGDLoss
 from segdistill.losses.pairwise import PairwiseLoss
 from segdistill.translator import Translator
-from segdistill.wrapper import OUTPUT, DistillationTerm, DistillationWrapper
+from segdistill.wrapper import OUTPUT, DistillationTerm, DistillationWrapper, InputFn
 
 __all__ = [
     "FEATURES",
@@ -144,26 +144,31 @@ class _Encoder(nn.Module):
 
 
 def _on_layers(teacher: nn.Module, student: nn.Module, terms: dict[str, DistillationTerm],
-               teacher_layer: FeatureLike, student_layer: FeatureLike) -> DistillationWrapper:
+               teacher_layer: FeatureLike, student_layer: FeatureLike,
+               teacher_input: InputFn | None, student_input: InputFn | None,
+               ) -> DistillationWrapper:
     """The wrapper of a preset whose terms read one layer on each side, captured under
     :data:`FEATURES`."""
     return DistillationWrapper(teacher, student, terms,
                                {FEATURES: as_spec(teacher_layer, "teacher_layer")},
-                               {FEATURES: as_spec(student_layer, "student_layer")})
+                               {FEATURES: as_spec(student_layer, "student_layer")},
+                               teacher_input=teacher_input, student_input=student_input)
 
 
-def _layer_specs(preset: str, teacher: nn.Module, student: nn.Module, teacher_layer: FeatureLike,
+def _layer_specs(preset: str, teacher: tuple[nn.Module, InputFn | None],
+                 student: tuple[nn.Module, InputFn | None], teacher_layer: FeatureLike,
                  student_layer: FeatureLike, example_input: Any,
                  needs: tuple[str, ...] = ()) -> dict[str, FeatureSpec]:
-    """Each side's spec, with its channels read on ``example_input`` when given (one
-    forward per model, each path resolved once); ``needs`` names the sides whose
-    channels the preset cannot do without."""
+    """Each side's spec, with its channels read on ``example_input`` (through that side's
+    input function) when given (one forward per model, each path resolved once); ``needs``
+    names the sides whose channels the preset cannot do without."""
     specs = {"teacher": as_spec(teacher_layer, "teacher_layer"),
              "student": as_spec(student_layer, "student_layer")}
     if example_input is not None:
-        models = {"teacher": teacher, "student": student}
-        specs = {side: probe_features(models[side], {FEATURES: spec}, example_input,
-                                      side)[FEATURES] for side, spec in specs.items()}
+        sides = {"teacher": teacher, "student": student}
+        specs = {side: probe_features(sides[side][0], {FEATURES: spec},
+                                      _side_input(sides[side][1], example_input), side)[FEATURES]
+                 for side, spec in specs.items()}
     missing = [side for side in needs if specs[side].channels is None]
     if missing:
         layers = " and ".join(f"{side}_layer {specs[side].layer!r}" for side in missing)
@@ -172,6 +177,10 @@ def _layer_specs(preset: str, teacher: nn.Module, student: nn.Module, teacher_la
             "or example_input= (one batch) to read them from a forward of both models"
         )
     return specs
+
+
+def _side_input(make: InputFn | None, batch: Any) -> Any:
+    return batch if make is None else make(batch)
 
 
 def _channels(spec: FeatureSpec) -> int:
@@ -194,6 +203,8 @@ def knowledge_adaptation(
     affinity_weight: float = 1.0,
     adapter_layers: int = 3,
     resize: Resize = "none",
+    teacher_input: InputFn | None = None,
+    student_input: InputFn | None = None,
 ) -> DistillationWrapper:
     r"""The paper's method: adaptation and affinity through a trained translator.
 
@@ -225,6 +236,10 @@ def knowledge_adaptation(
         adapter_layers: conv layers per adapter (the paper's appendix: 3).
         resize: the grid rule of both losses (see
             :func:`~segdistill._features.align_grids`).
+        teacher_input: makes the teacher's input from the batch (its dtype,
+            normalisation, resolution or keywords; see
+            :class:`~segdistill.DistillationWrapper`); ``example_input`` goes through it.
+        student_input: the same for the student.
 
     Returns:
         The wrapper, with terms ``'adaptation'`` and ``'affinity'``.
@@ -255,7 +270,8 @@ def knowledge_adaptation(
                "affinity": check_real("affinity_weight", affinity_weight, minimum=0.0)}
     if not any(weights.values()):
         raise ValueError("adaptation_weight and affinity_weight are both 0: nothing to distil")
-    specs = _layer_specs("knowledge_adaptation", teacher, student, teacher_layer, student_layer,
+    specs = _layer_specs("knowledge_adaptation", (teacher, teacher_input),
+                         (student, student_input), teacher_layer, student_layer,
                          example_input, needs=("student",))
     t_spec, s_spec = specs["teacher"], specs["student"]
     if t_spec.channels is not None and t_spec.channels != translator.in_channels:
@@ -279,7 +295,8 @@ def knowledge_adaptation(
         if weights[name] > 0
     }
     translator.eval().requires_grad_(False)  # the decoder too: stage 2 uses the encoder only
-    return _on_layers(teacher, student, terms, t_spec, s_spec)
+    return _on_layers(teacher, student, terms, t_spec, s_spec,
+                      teacher_input, student_input)
 
 
 @register_preset("kd")
@@ -294,6 +311,8 @@ def kd(
     validate_args: bool = True,
     teacher_output: OutputSelector = None,
     student_output: OutputSelector = None,
+    teacher_input: InputFn | None = None,
+    student_input: InputFn | None = None,
 ) -> DistillationWrapper:
     """Hinton et al.'s knowledge distillation on the logits, pixel-wise
     (:class:`~segdistill.KDLoss`).
@@ -318,6 +337,10 @@ def kd(
         teacher_output: how to find the teacher's logits (see
             :func:`~segdistill.hooks.select_output`).
         student_output: how to find the student's logits.
+        teacher_input: makes the teacher's input from the batch (its dtype,
+            normalisation, resolution or keywords; see
+            :class:`~segdistill.DistillationWrapper`).
+        student_input: the same for the student.
 
     Returns:
         The wrapper, with the term ``'kd'``.
@@ -328,7 +351,8 @@ def kd(
         student=OUTPUT, teacher=OUTPUT, weight=weight, uses_target=True,
     )
     return DistillationWrapper(teacher, student, {"kd": term}, teacher_output=teacher_output,
-                               student_output=student_output)
+                               student_output=student_output,
+                               teacher_input=teacher_input, student_input=student_input)
 
 
 @register_preset("fitnet")
@@ -341,6 +365,8 @@ def fitnet(
     example_input: Any = None,
     weight: float = 1.0,
     resize: Resize = "none",
+    teacher_input: InputFn | None = None,
+    student_input: InputFn | None = None,
 ) -> DistillationWrapper:
     """Romero et al.'s FitNet hint (:class:`~segdistill.FitNetLoss`): student features
     through a 1x1 regressor, L2 to the teacher's.
@@ -355,6 +381,10 @@ def fitnet(
         weight: the term's weight.
         resize: the grid rule; ``'teacher'`` upsamples the student's map onto
             the teacher's grid, as in the FitNet baseline of He et al.
+        teacher_input: makes the teacher's input from the batch (its dtype,
+            normalisation, resolution or keywords; see
+            :class:`~segdistill.DistillationWrapper`); ``example_input`` goes through it.
+        student_input: the same for the student.
 
     Returns:
         The wrapper, with the term ``'fitnet'``.
@@ -363,13 +393,15 @@ def fitnet(
         ValueError: a side's channels are neither in its spec nor read from
             ``example_input``.
     """
-    specs = _layer_specs("fitnet", teacher, student, teacher_layer, student_layer,
+    specs = _layer_specs("fitnet", (teacher, teacher_input), (student, student_input),
+                         teacher_layer, student_layer,
                          example_input, needs=("student", "teacher"))
     term = DistillationTerm(
         FitNetLoss(_channels(specs["student"]), _channels(specs["teacher"]), resize=resize),
         student=FEATURES, teacher=FEATURES, weight=weight,
     )
-    return _on_layers(teacher, student, {"fitnet": term}, specs["teacher"], specs["student"])
+    return _on_layers(teacher, student, {"fitnet": term}, specs["teacher"], specs["student"],
+                      teacher_input, student_input)
 
 
 @register_preset("attention_transfer")
@@ -381,6 +413,8 @@ def attention_transfer(
     student_layer: FeatureLike,
     weight: float = 1000.0,
     resize: Resize = "none",
+    teacher_input: InputFn | None = None,
+    student_input: InputFn | None = None,
 ) -> DistillationWrapper:
     """Zagoruyko and Komodakis's attention transfer
     (:class:`~segdistill.AttentionTransferLoss`), with their weight of 1000.
@@ -393,13 +427,18 @@ def attention_transfer(
         weight: the term's weight.
         resize: the grid rule (``'teacher'`` for the student's map on the
             teacher's grid).
+        teacher_input: makes the teacher's input from the batch (its dtype,
+            normalisation, resolution or keywords; see
+            :class:`~segdistill.DistillationWrapper`).
+        student_input: the same for the student.
 
     Returns:
         The wrapper, with the term ``'attention'``.
     """
     term = DistillationTerm(AttentionTransferLoss(resize=resize), student=FEATURES,
                             teacher=FEATURES, weight=weight)
-    return _on_layers(teacher, student, {"attention": term}, teacher_layer, student_layer)
+    return _on_layers(teacher, student, {"attention": term}, teacher_layer, student_layer,
+                      teacher_input, student_input)
 
 
 @register_preset("pairwise")
@@ -412,6 +451,8 @@ def pairwise(
     weight: float = 1.0,
     patch_size: int | tuple[int, int] | None = None,
     resize: Resize = "none",
+    teacher_input: InputFn | None = None,
+    student_input: InputFn | None = None,
 ) -> DistillationWrapper:
     """Liu et al.'s pair-wise similarity distillation (:class:`~segdistill.PairwiseLoss`),
     memory-linear, with optional patch pooling.
@@ -424,13 +465,18 @@ def pairwise(
         weight: the term's weight.
         patch_size: pool the maps into patches of this size first.
         resize: the grid rule.
+        teacher_input: makes the teacher's input from the batch (its dtype,
+            normalisation, resolution or keywords; see
+            :class:`~segdistill.DistillationWrapper`).
+        student_input: the same for the student.
 
     Returns:
         The wrapper, with the term ``'pairwise'``.
     """
     term = DistillationTerm(PairwiseLoss(patch_size=patch_size, resize=resize),
                             student=FEATURES, teacher=FEATURES, weight=weight)
-    return _on_layers(teacher, student, {"pairwise": term}, teacher_layer, student_layer)
+    return _on_layers(teacher, student, {"pairwise": term}, teacher_layer, student_layer,
+                      teacher_input, student_input)
 
 
 @register_preset("cwd")
@@ -448,6 +494,8 @@ def cwd(
     resize: Resize = "none",
     teacher_output: OutputSelector = None,
     student_output: OutputSelector = None,
+    teacher_input: InputFn | None = None,
+    student_input: InputFn | None = None,
 ) -> DistillationWrapper:
     """Shu et al.'s channel-wise distillation (:class:`~segdistill.CWDLoss`) on the logits
     and, with a layer pair, on intermediate features too.
@@ -477,6 +525,10 @@ def cwd(
         teacher_output: how to find the teacher's logits (see
             :func:`~segdistill.hooks.select_output`).
         student_output: how to find the student's logits.
+        teacher_input: makes the teacher's input from the batch (its dtype,
+            normalisation, resolution or keywords; see
+            :class:`~segdistill.DistillationWrapper`); ``example_input`` goes through it.
+        student_input: the same for the student.
 
     Returns:
         The wrapper, with the terms ``'cwd'`` and/or ``'cwd_features'``.
@@ -509,7 +561,8 @@ def cwd(
                                         student=OUTPUT, teacher=OUTPUT, weight=weight)
     layers: tuple[dict[str, FeatureLike], dict[str, FeatureLike]] = ({}, {})
     if teacher_layer is not None and student_layer is not None:
-        specs = _layer_specs("cwd", teacher, student, teacher_layer, student_layer,
+        specs = _layer_specs("cwd", (teacher, teacher_input), (student, student_input),
+                         teacher_layer, student_layer,
                              example_input, needs=("student", "teacher"))
         c_s, c_t = _channels(specs["student"]), _channels(specs["teacher"])
         terms["cwd_features"] = DistillationTerm(
@@ -518,7 +571,8 @@ def cwd(
             student_adapter=None if c_s == c_t else nn.Conv2d(c_s, c_t, 1, bias=False))
         layers = ({FEATURES: specs["teacher"]}, {FEATURES: specs["student"]})
     return DistillationWrapper(teacher, student, terms, *layers, teacher_output=teacher_output,
-                               student_output=student_output)
+                               student_output=student_output,
+                               teacher_input=teacher_input, student_input=student_input)
 
 
 @register_preset("dist")
@@ -533,6 +587,8 @@ def dist(
     resize: Resize = "none",
     teacher_output: OutputSelector = None,
     student_output: OutputSelector = None,
+    teacher_input: InputFn | None = None,
+    student_input: InputFn | None = None,
 ) -> DistillationWrapper:
     r"""Huang et al.'s DIST on the logits (:class:`~segdistill.DISTLoss`), in the
     segmentation form of their code (``hunto/DIST_KD``): :math:`\beta = \gamma = 1`,
@@ -555,6 +611,10 @@ def dist(
         teacher_output: how to find the teacher's logits (see
             :func:`~segdistill.hooks.select_output`).
         student_output: how to find the student's logits.
+        teacher_input: makes the teacher's input from the batch (its dtype,
+            normalisation, resolution or keywords; see
+            :class:`~segdistill.DistillationWrapper`).
+        student_input: the same for the student.
 
     Returns:
         The wrapper, with the term ``'dist'``.
@@ -564,7 +624,8 @@ def dist(
         student=OUTPUT, teacher=OUTPUT, weight=weight,
     )
     return DistillationWrapper(teacher, student, {"dist": term}, teacher_output=teacher_output,
-                               student_output=student_output)
+                               student_output=student_output,
+                               teacher_input=teacher_input, student_input=student_input)
 
 
 @register_preset("mgd")
@@ -579,6 +640,8 @@ def mgd(
     mask_ratio: float = 0.75,
     resize: Resize = "none",
     rng: torch.Generator | None = None,
+    teacher_input: InputFn | None = None,
+    student_input: InputFn | None = None,
 ) -> DistillationWrapper:
     r"""Yang et al.'s masked generative distillation (:class:`~segdistill.MGDLoss`):
     the student's feature, aligned by a 1x1 convolution where channels differ and
@@ -602,6 +665,10 @@ def mgd(
             onto the teacher's grid before masking).
         rng: a ``torch.Generator`` on the features' device for reproducible
             masks, or ``None``.
+        teacher_input: makes the teacher's input from the batch (its dtype,
+            normalisation, resolution or keywords; see
+            :class:`~segdistill.DistillationWrapper`); ``example_input`` goes through it.
+        student_input: the same for the student.
 
     Returns:
         The wrapper, with the term ``'mgd'``.
@@ -610,14 +677,16 @@ def mgd(
         ValueError: a side's channels are neither in its spec nor read from
             ``example_input``.
     """
-    specs = _layer_specs("mgd", teacher, student, teacher_layer, student_layer,
+    specs = _layer_specs("mgd", (teacher, teacher_input), (student, student_input),
+                         teacher_layer, student_layer,
                          example_input, needs=("student", "teacher"))
     term = DistillationTerm(
         MGDLoss(_channels(specs["student"]), _channels(specs["teacher"]), mask_ratio=mask_ratio,
                 resize=resize, rng=rng),
         student=FEATURES, teacher=FEATURES, weight=weight,
     )
-    return _on_layers(teacher, student, {"mgd": term}, specs["teacher"], specs["student"])
+    return _on_layers(teacher, student, {"mgd": term}, specs["teacher"], specs["student"],
+                      teacher_input, student_input)
 
 
 @register_preset("ifvd")
@@ -632,6 +701,8 @@ def ifvd(
     ignore_index: int | None = 255,
     resize: Resize = "none",
     validate_args: bool = True,
+    teacher_input: InputFn | None = None,
+    student_input: InputFn | None = None,
 ) -> DistillationWrapper:
     """Wang et al.'s intra-class feature variation distillation
     (:class:`~segdistill.IFVDLoss`), with the weight 20 of CIRKD's scripts.
@@ -653,6 +724,10 @@ def ifvd(
         resize: the grid rule (``'student'`` or ``'teacher'`` for maps at
             different output strides).
         validate_args: check the label values every step (one host sync).
+        teacher_input: makes the teacher's input from the batch (its dtype,
+            normalisation, resolution or keywords; see
+            :class:`~segdistill.DistillationWrapper`).
+        student_input: the same for the student.
 
     Returns:
         The wrapper, with the term ``'ifvd'``.
@@ -662,7 +737,8 @@ def ifvd(
                  validate_args=validate_args),
         student=FEATURES, teacher=FEATURES, weight=weight, uses_target=True,
     )
-    return _on_layers(teacher, student, {"ifvd": term}, teacher_layer, student_layer)
+    return _on_layers(teacher, student, {"ifvd": term}, teacher_layer, student_layer,
+                      teacher_input, student_input)
 
 
 @register_preset("holistic")
@@ -678,6 +754,8 @@ def holistic(
     resize: Resize = "none",
     teacher_output: OutputSelector = None,
     student_output: OutputSelector = None,
+    teacher_input: InputFn | None = None,
+    student_input: InputFn | None = None,
 ) -> DistillationWrapper:
     """SKD's holistic term (Liu et al., CVPR 2019; :class:`~segdistill.HolisticLoss`): a
     discriminator on the logits trained against the teacher's, with CIRKD's weights, 0.001
@@ -705,6 +783,10 @@ def holistic(
         teacher_output: how to find the teacher's logits (see
             :func:`~segdistill.hooks.select_output`).
         student_output: how to find the student's logits.
+        teacher_input: makes the teacher's input from the batch (its dtype,
+            normalisation, resolution or keywords; see
+            :class:`~segdistill.DistillationWrapper`).
+        student_input: the same for the student.
 
     Returns:
         The wrapper, with the term ``'holistic'``.
@@ -715,7 +797,8 @@ def holistic(
         student=OUTPUT, teacher=OUTPUT, weight=weight, uses_inputs=image_channels > 0,
     )
     return DistillationWrapper(teacher, student, {"holistic": term},
-                               teacher_output=teacher_output, student_output=student_output)
+                               teacher_output=teacher_output, student_output=student_output,
+                               teacher_input=teacher_input, student_input=student_input)
 
 
 @register_preset("cirkd")
@@ -739,6 +822,8 @@ def cirkd(
     seed: int = 0,
     teacher_output: OutputSelector = None,
     student_output: OutputSelector = None,
+    teacher_input: InputFn | None = None,
+    student_input: InputFn | None = None,
 ) -> DistillationWrapper:
     r"""Yang et al.'s cross-image relational KD (CVPR 2022), as its reference trains it:
     the mini-batch term (:class:`~segdistill.CIRKDLoss`, weight 1, exact and
@@ -768,6 +853,10 @@ def cirkd(
         seed: the memory's seed (its sampling is reproducible and resumes exactly).
         teacher_output: how to find the teacher's logits.
         student_output: how to find the student's logits.
+        teacher_input: makes the teacher's input from the batch (its dtype,
+            normalisation, resolution or keywords; see
+            :class:`~segdistill.DistillationWrapper`); ``example_input`` goes through it.
+        student_input: the same for the student.
 
     Returns:
         The wrapper, with terms ``'minibatch'``, ``'memory'`` and ``'kd'``.
@@ -779,7 +868,8 @@ def cirkd(
     memory_on = memory_pixel_weight > 0 or memory_region_weight > 0
     if not (minibatch_weight > 0 or memory_on or kd_weight > 0):
         raise ValueError("every weight is 0: nothing to distil")
-    specs = _layer_specs("cirkd", teacher, student, teacher_layer, student_layer,
+    specs = _layer_specs("cirkd", (teacher, teacher_input), (student, student_input),
+                         teacher_layer, student_layer,
                          example_input, needs=("student", "teacher"))
     terms: dict[str, DistillationTerm] = {}
     if minibatch_weight > 0:
@@ -802,4 +892,5 @@ def cirkd(
         )
     return DistillationWrapper(teacher, student, terms, {FEATURES: specs["teacher"]},
                                {FEATURES: specs["student"]}, teacher_output=teacher_output,
-                               student_output=student_output)
+                               student_output=student_output,
+                               teacher_input=teacher_input, student_input=student_input)

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator, Mapping
-from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple, Protocol, TypeAlias, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from segdistill._checks import check_real
 from segdistill.feature_spec import FeatureLike, FeatureSpec
-from segdistill.hooks import FeatureHooks, OutputSelector, select_output, take_feature, unwrap_model
+from segdistill.hooks import (
+    FeatureHooks,
+    OutputSelector,
+    call_model,
+    image_size,
+    select_output,
+    take_feature,
+    unwrap_model,
+)
 from segdistill.losses.holistic import attach_discriminator_loss
 
 __all__ = ["OUTPUT", "AdversarialLoss", "DistillationOutput", "DistillationTerm",
-           "DistillationWrapper"]
+           "DistillationWrapper", "InputFn"]
+
+InputFn: TypeAlias = Callable[[Any], Any]
+"""How one side's input is made from the batch (``teacher_input=``, ``student_input=``)."""
 
 OUTPUT = "output"
 """The feature name that stands for a model's output (its logits) in a term."""
@@ -184,6 +194,20 @@ class DistillationWrapper(nn.Module):
             ``None`` takes a tensor, a mapping's ``'out'`` (torchvision) or
             ``logits`` (Hugging Face); or a key, an index, or a callable.
         student_output: the same for the student.
+        teacher_input: makes the teacher's input from the batch given to
+            :meth:`forward` (its dtype, normalisation or resolution, e.g.
+            ``lambda x: x.to(torch.bfloat16)``, or ``lambda b: {"pixel_values":
+            b["teacher_pixels"]}``); ``None`` gives it the batch as is.
+        student_input: the same for the student. Either side's input may be a
+            mapping, which the model is called with as keyword arguments
+            (``model(**batch)``, as Hugging Face models take ``pixel_values=``).
+        save_frozen: keep the teacher and the teacher-side transforms in
+            :meth:`state_dict`. By default it holds only what is trained (the
+            student, the adapters, the losses' parameters and any discriminator):
+            the frozen parts are the ones given to the constructor, so a state
+            saved without them loads back into a wrapper built the same way, and a
+            transform that two terms share (the paper's translator) is not saved
+            under two names.
 
     Raises:
         TypeError: the teacher, the student or a term is not an ``nn.Module``;
@@ -217,6 +241,9 @@ class DistillationWrapper(nn.Module):
         *,
         teacher_output: OutputSelector = None,
         student_output: OutputSelector = None,
+        teacher_input: InputFn | None = None,
+        student_input: InputFn | None = None,
+        save_frozen: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("teacher", teacher), ("student", student)):
@@ -233,6 +260,10 @@ class DistillationWrapper(nn.Module):
                                 f"{type(term).__name__}")
         _check_output_selector("teacher_output", teacher_output)
         _check_output_selector("student_output", student_output)
+        for side, make in (("teacher_input", teacher_input), ("student_input", student_input)):
+            if make is not None and not callable(make):
+                raise TypeError(f"expected {side} to be None or a callable that makes that "
+                                f"side's input from the batch, got {type(make).__name__}")
         teacher_layers = dict(teacher_layers or {})
         student_layers = dict(student_layers or {})
         for side, layers in (("teacher", teacher_layers), ("student", student_layers)):
@@ -252,11 +283,18 @@ class DistillationWrapper(nn.Module):
         self.terms = nn.ModuleDict(dict(terms))
         self.teacher_output: OutputSelector = teacher_output
         self.student_output: OutputSelector = student_output
+        self.teacher_input = teacher_input
+        self.student_input = student_input
+        self.save_frozen = bool(save_frozen)
         self._teacher_hooks = FeatureHooks(teacher, teacher_layers, "teacher")
         self._student_hooks = FeatureHooks(student, student_layers, "student")
+        for hooks in (self._teacher_hooks, self._student_hooks):
+            hooks.active = False  # on only inside this wrapper's forward
         _freeze(self.teacher)
         for module in self._frozen_transforms():
             _freeze(module)
+        self.register_state_dict_post_hook(_DropFrozen())  # type: ignore[no-untyped-call]
+        self.register_load_state_dict_pre_hook(_RestoreFrozen())  # type: ignore[no-untyped-call]
 
     # ---- frozen parts ------------------------------------------------------------------
 
@@ -318,12 +356,15 @@ class DistillationWrapper(nn.Module):
 
         Its parameters, buffers and FLOPs are exactly the student's own: the
         adapters and losses live beside it in the wrapper, not inside it. A
-        compiled (``torch.compile``) or DDP-wrapped student is unwrapped
-        (:func:`~segdistill.hooks.unwrap_model`), so the copy's ``state_dict``
-        keys carry no ``_orig_mod.`` or ``module.`` prefix.
+        compiled (``torch.compile``), DDP-wrapped or FSDP2-sharded (``fully_shard``)
+        student is unwrapped: the copy is the user's own module class with full,
+        plain tensors, and its ``state_dict`` keys carry no ``_orig_mod.`` or
+        ``module.`` prefix. With FSDP2 it gathers the shards: call it on every rank.
         """
+        from segdistill._distributed import plain_copy
+
         with self._student_hooks.detached():
-            return copy.deepcopy(unwrap_model(self.student))
+            return plain_copy(self.student)
 
     def remove_hooks(self) -> None:
         """Unregister the wrapper's hooks from both models (the wrapper stops working)."""
@@ -332,48 +373,145 @@ class DistillationWrapper(nn.Module):
 
     # ---- the step ----------------------------------------------------------------------
 
-    def forward(self, inputs: Any, target: Tensor | None = None) -> DistillationOutput:
+    def forward(self, inputs: Any, target: Tensor | None = None, *,
+                teacher_features: Mapping[str, Tensor] | None = None) -> DistillationOutput:
         """Run the teacher (no gradients) and the student; evaluate every term.
 
         Args:
-            inputs: what both models take (an image batch).
+            inputs: the batch: what both models take (an image batch, or a mapping
+                such as ``{"pixel_values": x}``, passed as keyword arguments), or
+                what ``teacher_input``/``student_input`` make each side's input from.
             target: labels, passed to the terms that use them (KD's ignore mask).
+            teacher_features: the teacher's features for this batch, computed
+                before by :meth:`run_teacher` (a cache): the teacher does not run.
+                Valid only for the very same input images (see the wrapper guide:
+                a cache of un-augmented images is wrong for flipped or cropped ones).
 
         Raises:
             ValueError: a captured feature is not a tensor (a structured output
                 without a selector), is not 4-D, or has other channels than its
-                FeatureSpec declares; a term's loss rejects its inputs (grids
-                that do not fit under its ``resize``, labels outside the one
+                FeatureSpec declares; ``teacher_features`` lacks a feature or has
+                one no term reads; the student is wrapped by DDP or FSDP while the
+                wrapper trains parts outside it; a term's loss rejects its inputs
+                (grids that do not fit under its ``resize``, labels outside the one
                 label rule): the message starts with the term's name.
+            RuntimeError: a layer ran more than once (choose a call in its spec),
+                was written in place after capture in a way the first step did not
+                show, or, on the student's side, ran with gradients disabled
+                (``torch.utils.checkpoint(use_reentrant=True)``) while the step
+                needs its gradient.
         """
-        self._teacher_hooks.clear()
-        self._student_hooks.clear()
+        self._check_distributed()
+        if teacher_features is None:
+            teacher_feats = self.run_teacher(inputs)
+        else:
+            teacher_feats = self._cached(teacher_features)
+        student_in = self.student_input(inputs) if self.student_input is not None else inputs
+        hooks = self._student_hooks
         try:
-            with torch.no_grad():
-                teacher_out = self.teacher(inputs)
-            teacher_feats = self._captured(self._teacher_hooks, teacher_out,
-                                           self.teacher_output, "teacher")
-            student_out = self.student(inputs)
-            student_feats = self._captured(self._student_hooks, student_out,
-                                           self.student_output, "student")
-            losses = self._evaluate_terms(student_feats, teacher_feats, target, inputs)
+            with hooks.capturing():
+                student_out = call_model(self.student, student_in)
+            student_feats = self._captured(hooks, student_out, self.student_output,
+                                           "student", image_size(student_in))
+            self._check_graph(student_feats)
+            losses = self._evaluate_terms(student_feats, teacher_feats, target, student_in)
         finally:
-            # a step that raised must not keep activations alive either
-            self._teacher_hooks.clear()
-            self._student_hooks.clear()
+            hooks.clear()  # a step that raised must not keep activations alive either
         values = list(losses.values())
         total = values[0]
         for value in values[1:]:
             total = total + value
         return DistillationOutput(student_out, losses, total)
 
+    @torch.no_grad()
+    def run_teacher(self, inputs: Any) -> dict[str, Tensor]:
+        """The teacher's features for a batch, as :meth:`forward` reads them (and its
+        logits under ``'output'`` when a term uses them).
+
+        Store them to pass as ``forward(..., teacher_features=...)`` later: the teacher
+        then does not run. Tokens are already on their grid; teacher-side transforms
+        are not applied (they run in the step, as without a cache).
+
+        Args:
+            inputs: the batch, as :meth:`forward` takes it.
+
+        Returns:
+            ``{feature name: tensor}``, detached.
+        """
+        teacher_in = self.teacher_input(inputs) if self.teacher_input is not None else inputs
+        hooks = self._teacher_hooks
+        try:
+            with hooks.capturing():
+                teacher_out = call_model(self.teacher, teacher_in)
+            return self._captured(hooks, teacher_out, self.teacher_output, "teacher",
+                                  image_size(teacher_in))
+        finally:
+            hooks.clear()
+
+    def _teacher_names(self) -> set[str]:
+        return {term.teacher for _, term in self._terms()}
+
+    def _cached(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Check a cache of the teacher's features against what the terms read."""
+        if not isinstance(features, Mapping):
+            raise TypeError(f"expected teacher_features as a mapping {{name: tensor}} (what "
+                            f"run_teacher returns), got {type(features).__name__}")
+        wanted, given = self._teacher_names(), set(features)
+        if wanted - given or given - wanted:
+            raise ValueError(
+                f"teacher_features must hold exactly the teacher features the terms read, "
+                f"{sorted(wanted)}; missing {sorted(wanted - given)}, unknown "
+                f"{sorted(given - wanted)} (run_teacher returns the right ones)")
+        for name, value in features.items():
+            if not isinstance(value, Tensor):
+                raise TypeError(f"expected teacher_features[{name!r}] to be a tensor, got "
+                                f"{type(value).__name__}")
+        return {name: value.detach() for name, value in features.items()}
+
     def _captured(self, hooks: FeatureHooks, output: Any, selector: OutputSelector,
-                  side: str) -> dict[str, Tensor]:
+                  side: str, size: tuple[int, int] | None) -> dict[str, Tensor]:
         """One side's captured features and, when a term uses them, its logits."""
-        features = hooks.pop()
+        features = hooks.pop(size)
         if any(getattr(term, side) == OUTPUT for _, term in self._terms()):
             features[OUTPUT] = select_output(output, selector, f"the {side}'s output")
         return features
+
+    def _check_graph(self, features: dict[str, Tensor]) -> None:
+        """A student map captured with gradients disabled gives the student no gradient:
+        refuse it when this step needs one (the reentrant checkpoint's first pass)."""
+        if not torch.is_grad_enabled():
+            return
+        for name in self._student_hooks.without_grad & set(features):
+            raise RuntimeError(
+                f"{self._student_hooks.what(name)} ran with gradients disabled, so its map "
+                "carries no gradient and the distillation loss would not train the student "
+                "(its value would look normal). This is what "
+                "torch.utils.checkpoint(..., use_reentrant=True) does in its first pass; use "
+                "use_reentrant=False (non-reentrant checkpointing keeps the graph), or "
+                "capture a layer outside the checkpointed block")
+
+    def _check_distributed(self) -> None:
+        """Refuse a DDP/FSDP student when the wrapper trains parts outside it: their
+        gradients would never be all-reduced (the ranks drift apart, silently)."""
+        try:
+            from segdistill._distributed import student_wrapper_kind
+        except ImportError:
+            return
+        kind = student_wrapper_kind(self.student)
+        if kind is None or _is_fsdp_root(self):
+            return
+        student = {id(p) for p in self.student.parameters()}
+        outside = [p for p in (*self.trainable_parameters(),
+                               *self.separately_optimized_parameters())
+                   if id(p) not in student]
+        if outside:
+            raise ValueError(
+                f"the student is wrapped by {kind}, but the wrapper trains "
+                f"{sum(p.numel() for p in outside):,} values outside it (adapters, regressors, "
+                "loss parameters or a discriminator), whose gradients that wrapper would "
+                "never all-reduce: put DDP or FSDP around the wrapper instead, e.g. "
+                "DistributedDataParallel(wrapper) or fully_shard(wrapper), and give it the "
+                "plain student (see the wrapper guide, distributed training)")
 
     def _evaluate_terms(
         self, student_feats: dict[str, Tensor], teacher_feats: dict[str, Tensor],
@@ -381,25 +519,21 @@ class DistillationWrapper(nn.Module):
     ) -> dict[str, Tensor]:
         transformed: dict[tuple[str, int], Tensor] = {}
         losses: dict[str, Tensor] = {}
+        images = inputs.get("pixel_values") if isinstance(inputs, Mapping) else inputs
         for name, term in self._terms():
-            t = self._feature("teacher", teacher_feats, term.teacher)
-            transform = term.teacher_transform
-            if transform is not None:
-                # terms sharing a transform (the paper's two terms share the
-                # translator's encoder) compute it once per step
-                key = (term.teacher, id(transform))
-                if key not in transformed:
-                    with torch.no_grad():
-                        transformed[key] = transform(t)
-                t = transformed[key]
+            t = self._teacher_feature(teacher_feats, term, transformed)
             s = self._feature("student", student_feats, term.student)
             if s.shape[0] != t.shape[0]:
                 raise ValueError(f"term {name!r}: the student's batch has {s.shape[0]} "
                                  f"images but the teacher's {t.shape[0]}")
             if term.student_adapter is not None:
                 s = term.student_adapter(s)
+            if s.dtype != t.dtype and s.is_floating_point() and t.is_floating_point():
+                # a bf16 teacher beside an fp32 student: compare in the wider type
+                wide = torch.promote_types(s.dtype, t.dtype)
+                s, t = s.to(wide), t.to(wide)
             args = (s, t, target) if term.uses_target else (s, t)
-            kwargs = {"images": inputs} if term.uses_inputs else {}
+            kwargs = {"images": images} if term.uses_inputs else {}
             try:
                 value = term.weight * term.loss(*args, **kwargs)
                 # an adversary trains in the same backward: its loss is attached with
@@ -413,6 +547,27 @@ class DistillationWrapper(nn.Module):
             losses[name] = value
         return losses
 
+    def _teacher_feature(self, features: dict[str, Tensor], term: DistillationTerm,
+                         transformed: dict[tuple[str, int], Tensor]) -> Tensor:
+        """The teacher's feature for ``term``, through its transform, then checked 4-D (a
+        transform may turn tokens into a map)."""
+        name, transform = term.teacher, term.teacher_transform
+        what = "the teacher's output" if name == OUTPUT else self._teacher_hooks.what(name)
+        if name not in features:
+            raise RuntimeError(f"{what} was not captured: did the forward run that module?")
+        t = features[name]
+        if name != OUTPUT and t.ndim == 4:
+            _check_channels(t, self._teacher_hooks.specs[name], what)
+        if transform is not None:
+            # terms sharing a transform (the paper's two terms share the translator's
+            # encoder) compute it once per step
+            key = (name, id(transform))
+            if key not in transformed:
+                with torch.no_grad():
+                    transformed[key] = transform(t)
+            t, what = transformed[key], f"{what} after its teacher_transform"
+        return take_feature({name: t}, name, what)
+
     def _feature(self, side: str, features: dict[str, Tensor], name: str) -> Tensor:
         """One side's feature ``name``, checked against its spec."""
         if name == OUTPUT:
@@ -421,3 +576,44 @@ class DistillationWrapper(nn.Module):
         x = take_feature(features, name, hooks.what(name))
         _check_channels(x, hooks.specs[name], hooks.what(name))
         return x
+
+
+def _is_fsdp_root(module: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) manages ``module`` itself (and so every parameter
+    in it, adapters included)."""
+    return any(cls.__name__ == "FSDPModule" for cls in type(module).__mro__)
+
+
+def _frozen_prefixes(wrapper: DistillationWrapper) -> list[str]:
+    """The state-dict prefixes of the wrapper's frozen parts: the teacher and each
+    teacher-side transform, under every name it has."""
+    frozen = {id(wrapper.teacher)} | {id(m) for m in wrapper._frozen_transforms()}
+    return [f"{name}." for name, module in wrapper.named_modules(remove_duplicate=False)
+            if id(module) in frozen]
+
+
+class _DropFrozen:
+    """State-dict post-hook: leave the frozen parts out (unless ``save_frozen``)."""
+
+    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                 local_metadata: Any) -> None:
+        wrapper = cast(DistillationWrapper, module)
+        if wrapper.save_frozen:
+            return
+        prefixes = tuple(prefix + p for p in _frozen_prefixes(wrapper))
+        for key in [k for k in state_dict if k.startswith(prefixes)]:
+            del state_dict[key]
+
+
+class _RestoreFrozen:
+    """Load pre-hook: a state without the frozen parts loads strictly, keeping the frozen
+    parts the wrapper was built with (their entries are filled in from the wrapper)."""
+
+    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                 local_metadata: Any, strict: bool, missing_keys: list[str],
+                 unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        wrapper = cast(DistillationWrapper, module)
+        for part in _frozen_prefixes(wrapper):
+            owner = wrapper.get_submodule(part[:-1])
+            for key, value in owner.state_dict(keep_vars=True).items():
+                state_dict.setdefault(prefix + part + key, value.detach())

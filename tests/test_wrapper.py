@@ -92,7 +92,7 @@ def test_teacher_and_translator_stay_frozen_through_training():
 def test_captured_features_are_released_after_each_step():
     wrapper, *_ = _paper_wrapper()
     wrapper(torch.randn(2, 3, 16, 16))
-    assert wrapper._teacher_hooks._features == {} and wrapper._student_hooks._features == {}
+    assert wrapper._teacher_hooks._calls == {} and wrapper._student_hooks._calls == {}
 
 
 def test_export_student_has_the_students_parameters_and_flops():
@@ -323,14 +323,13 @@ def test_construction_errors(make, error, match):
 
 def test_feature_that_is_not_4d():
     teacher, student = tiny_pair()
-    teacher.flat = nn.Flatten()
-    teacher.head = nn.Sequential(teacher.head, teacher.flat)
+    teacher.head = nn.Sequential(teacher.head, nn.Flatten())
     wrapper = DistillationWrapper(teacher, student, {"a": _term()}, {"t": "head.1"},
                                   {"s": "relu"})
     with pytest.raises(ValueError, match=r"expected the teacher's layer 'head.1' to be a 4-D "
                                          r"\(B, C, H, W\) tensor, got shape \(2, 80\)"):
         wrapper(torch.randn(2, 3, 8, 8))
-    assert wrapper._teacher_hooks._features == {}  # released even though the step raised
+    assert wrapper._teacher_hooks._calls == {}  # released even though the step raised
 
 
 def test_batch_mismatch():
@@ -619,7 +618,7 @@ def test_structured_layer_without_selector_raises_with_what_it_holds():
                                          r"tensor; select one in the layer path with Python "
                                          r"indexing .*e.g. 'encoder\[-1\]'"):
         wrapper(torch.randn(2, 3, 16, 16))
-    assert wrapper._student_hooks._features == {}
+    assert wrapper._student_hooks._calls == {}
 
 
 def test_wrong_selector_raises_at_the_first_step_with_the_written_path():
