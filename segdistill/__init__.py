@@ -3,9 +3,10 @@
 Implements He et al., "Knowledge Adaptation for Efficient Semantic
 Segmentation" (CVPR 2019) as composable modules with functional twins, beside
 the baselines it is compared with (KD, FitNet, attention transfer, pair-wise
-similarity and channel-wise distillation). The presets that wire each method into a
-:class:`DistillationWrapper` are in :mod:`segdistill.presets`, by name in
-:data:`segdistill.presets.PRESETS`.
+similarity, channel-wise distillation, DIST, MGD, IFVD, CIRKD and the holistic term).
+Teachers and students may be CNNs or ViTs (:mod:`segdistill.tokens`). The presets
+that wire each method into a :class:`DistillationWrapper` are in
+:mod:`segdistill.presets`, by name in :data:`segdistill.presets.PRESETS`.
 """
 
 from segdistill import presets
@@ -49,6 +50,7 @@ from segdistill.losses import (
     pairwise_loss,
     reconstruction_loss,
 )
+from segdistill.tokens import TokenGrid, tokens_to_map
 from segdistill.translator import Translator, TranslatorOutput
 from segdistill.translator_training import (
     TranslatorTraining,
@@ -88,6 +90,7 @@ __all__ = [
     "MGDLoss",
     "PairwiseLoss",
     "ReconstructionLoss",
+    "TokenGrid",
     "Translator",
     "TranslatorOutput",
     "TranslatorTraining",
@@ -116,5 +119,6 @@ __all__ = [
     "presets",
     "reconstruction_loss",
     "save_checkpoint",
+    "tokens_to_map",
     "train_translator",
 ]

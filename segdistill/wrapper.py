@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from segdistill._checks import check_real
+from segdistill._distributed import plain_copy, student_wrapper_kind
 from segdistill.feature_spec import FeatureLike, FeatureSpec
 from segdistill.hooks import (
     FeatureHooks,
@@ -361,8 +362,6 @@ class DistillationWrapper(nn.Module):
         plain tensors, and its ``state_dict`` keys carry no ``_orig_mod.`` or
         ``module.`` prefix. With FSDP2 it gathers the shards: call it on every rank.
         """
-        from segdistill._distributed import plain_copy
-
         with self._student_hooks.detached():
             return plain_copy(self.student)
 
@@ -493,10 +492,6 @@ class DistillationWrapper(nn.Module):
     def _check_distributed(self) -> None:
         """Refuse a DDP/FSDP student when the wrapper trains parts outside it: their
         gradients would never be all-reduced (the ranks drift apart, silently)."""
-        try:
-            from segdistill._distributed import student_wrapper_kind
-        except ImportError:
-            return
         kind = student_wrapper_kind(self.student)
         if kind is None or _is_fsdp_root(self):
             return

@@ -249,3 +249,13 @@ def test_the_gpu_checks_methods_step_parses(tmp_path, mode, sizes):
     assert args.device == ("cuda" if mode == "full" else "cpu")
     assert (args.markdown, args.json) == (f"{tmp_path / 'methods'}.md",
                                           f"{tmp_path / 'methods'}.json")
+
+
+def test_capture_benchmark_times_both_layers(tmp_path):
+    pytest.importorskip("torchvision")
+    md = tmp_path / "capture.md"
+    bench = _load("capture")
+    bench.main(["--batch", "1", "--size", "32", "--repeats", "1", "--markdown", str(md)])
+    text = md.read_text()
+    assert "| `layer2.1.bn2` | written in place later" in text and "| `layer2` |" in text
+    assert "Command: `python benchmarks/capture.py --batch 1" in text

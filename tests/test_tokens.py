@@ -67,7 +67,7 @@ def test_layout_arguments_are_checked():
         tokens_to_map(torch.zeros(1, 2, 3, dtype=torch.long), TokenGrid(grid=(1, 1)))
     with pytest.raises(TypeError, match="cannot read the token layout of Conv2d"):
         TokenGrid.of(nn.Conv2d(3, 3, 1))
-    with pytest.raises(TypeError, match="FeatureSpec.tokens to be a TokenGrid"):
+    with pytest.raises(TypeError, match=r"FeatureSpec\.tokens to be a TokenGrid"):
         FeatureSpec("x", tokens=8)  # type: ignore[arg-type]
 
 
