@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from segdistill._checks import check_positive_int, check_real
 from segdistill.checkpoint import load_checkpoint, save_checkpoint
-from segdistill.hooks import FeatureHooks, select_output, take_feature
+from segdistill.hooks import FeatureHooks, image_size, select_output, take_feature
 from segdistill.losses.reconstruction import reconstruction_loss
 from segdistill.translator import Translator
 
@@ -334,4 +334,5 @@ def _teacher_features(
     images = batch if isinstance(batch, Tensor) else select_output(batch, input_key, "the batch")
     with torch.no_grad():
         teacher(images.to(device, non_blocking=True))
-    return take_feature(hooks.pop(), "features", hooks.what("features"))
+    # a ViT teacher's tokens (FeatureSpec(tokens=...)) go on the grid of these images
+    return take_feature(hooks.pop(image_size(images)), "features", hooks.what("features"))

@@ -198,3 +198,21 @@ def test_a_teacher_transform_may_turn_tokens_into_a_map():
     with pytest.raises(ValueError, match=r"expected the teacher's layer 'layernorm' to be a 4-D "
                                          r"\(B, C, H, W\) tensor, got shape \(2, 49, 32\)"):
         bare(torch.randn(2, 3, 64, 48))
+
+
+def test_stage_one_trains_a_translator_on_a_vit_teachers_tokens():
+    from segdistill import TranslatorTrainingConfig, train_translator
+
+    teacher = _hf("dinov2")
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(2, 3, 64, 48, generator=g), torch.zeros(2, 64, 48, dtype=torch.long))
+              for _ in range(2)]
+    spec = FeatureSpec("layernorm", tokens=TokenGrid.of(teacher))
+    result = train_translator(teacher, loader, spec, config=TranslatorTrainingConfig(epochs=1))
+    assert result.translator.in_channels == 32
+    _, student = tiny_pair()
+    wrapper = presets.knowledge_adaptation(teacher, student, teacher_layer=spec,
+                                           student_layer="relu", translator=result.translator,
+                                           example_input=loader[0][0], resize="teacher")
+    wrapper(loader[0][0]).loss.backward()
+    assert student.down.weight.grad.abs().sum() > 0
