@@ -206,9 +206,10 @@ class DistillationWrapper(nn.Module):
             :meth:`state_dict`. By default it holds only what is trained (the
             student, the adapters, the losses' parameters and any discriminator):
             the frozen parts are the ones given to the constructor, so a state
-            saved without them loads back into a wrapper built the same way, and a
-            transform that two terms share (the paper's translator) is not saved
-            under two names.
+            saved without them loads back into a wrapper built the same way. With
+            ``save_frozen``, a transform that two terms share (the paper's
+            translator) is stored once, under its first name (safetensors refuses
+            tensors stored twice).
 
     Raises:
         TypeError: the teacher, the student or a term is not an ``nn.Module``;
@@ -579,23 +580,31 @@ def _is_fsdp_root(module: nn.Module) -> bool:
     return any(cls.__name__ == "FSDPModule" for cls in type(module).__mro__)
 
 
-def _frozen_prefixes(wrapper: DistillationWrapper) -> list[str]:
+def _frozen_prefixes(wrapper: DistillationWrapper, aliases_only: bool = False) -> list[str]:
     """The state-dict prefixes of the wrapper's frozen parts: the teacher and each
-    teacher-side transform, under every name it has."""
+    teacher-side transform, under every name it has (``aliases_only``: every name but
+    its first, so that a transform two terms share is stored once)."""
     frozen = {id(wrapper.teacher)} | {id(m) for m in wrapper._frozen_transforms()}
-    return [f"{name}." for name, module in wrapper.named_modules(remove_duplicate=False)
-            if id(module) in frozen]
+    seen: set[int] = set()
+    prefixes = []
+    for name, module in wrapper.named_modules(remove_duplicate=False):
+        if id(module) not in frozen:
+            continue
+        if aliases_only and id(module) not in seen:
+            seen.add(id(module))
+            continue
+        prefixes.append(f"{name}.")
+    return prefixes
 
 
 class _DropFrozen:
-    """State-dict post-hook: leave the frozen parts out (unless ``save_frozen``)."""
+    """State-dict post-hook: leave the frozen parts out (with ``save_frozen``, keep each
+    under its first name only)."""
 
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
                  local_metadata: Any) -> None:
         wrapper = cast(DistillationWrapper, module)
-        if wrapper.save_frozen:
-            return
-        prefixes = tuple(prefix + p for p in _frozen_prefixes(wrapper))
+        prefixes = tuple(prefix + p for p in _frozen_prefixes(wrapper, wrapper.save_frozen))
         for key in [k for k in state_dict if k.startswith(prefixes)]:
             del state_dict[key]
 
