@@ -3,7 +3,8 @@
 VOC, Cityscapes and Pascal Context take the paper's hyperparameters (DESIGN section 1); the
 digit scenes take a schedule that runs on a CPU in minutes. :func:`add_flags`
 derives one flag per field of :class:`PipelineConfig` from its type, so a new
-field is a new flag without further code.
+field is a new flag without further code, and adds ``--recipe``: one of CIRKD's published
+setups (:data:`examples.segmentation.recipes.RECIPES`) in place of the dataset's defaults.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ import types
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from examples.segmentation.recipes import RECIPES
+
 Dataset = Literal["voc", "cityscapes", "pascal_context", "digits"]
 
 Amp = Literal["none", "bf16", "fp16"]
 """Automatic mixed precision: off, bfloat16, or float16 with a gradient scaler."""
 
-Teacher = Literal["deeplabv3_resnet50", "digits_os4"]
+Teacher = Literal["deeplabv3_resnet50", "deeplabv3_resnet101", "segformer_mit_b4", "digits_os4"]
 """The names of :data:`examples.segmentation.models.TEACHERS`."""
-Student = Literal["mobilenet_v2", "lraspp", "digits_os8"]
+Student = Literal["mobilenet_v2", "lraspp", "deeplabv3_resnet18", "pspnet_resnet18",
+                  "deeplabv3_mobilenet_v2", "segformer_mit_b0", "digits_os8"]
 """The names of :data:`examples.segmentation.models.STUDENTS`."""
 TeacherLayer = Literal["head", "backbone"]
 """Readings of the paper's "last feature maps in the teacher model"
@@ -221,6 +225,11 @@ def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("dataset
     meaning "the dataset's"."""
     group = parser.add_argument_group(
         "configuration (a flag per field of PipelineConfig; defaults: the dataset's)")
+    group.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                       help="a published setup (examples/segmentation/recipes.py: teacher, "
+                       "student, crop, schedule, weight decay) in place of the dataset's "
+                       "defaults; the flags below still override its fields, and --dataset "
+                       "must be the recipe's")
     hints = get_type_hints(PipelineConfig)
     helps = field_help(PipelineConfig)
     for f in fields(PipelineConfig):
@@ -260,11 +269,48 @@ _NONE = object()
 """Stands for an explicit ``none`` on the command line (``None`` means "not given")."""
 
 
+def recipe_config(name: str) -> PipelineConfig:
+    """The configuration of a recipe: its dataset's defaults with the recipe's fields.
+
+    Example:
+        >>> config = recipe_config("cirkd-cityscapes-r101-r18")
+        >>> config.teacher, config.student, config.lr, config.distill_steps
+        ('deeplabv3_resnet101', 'deeplabv3_resnet18', 0.02, 40000)
+
+    Raises:
+        ValueError: no recipe of that name (the message lists them).
+    """
+    if name not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(sorted(RECIPES))}, got {name!r}")
+    recipe = RECIPES[name]
+    return CONFIGS[recipe.dataset].override(**recipe.overrides)
+
+
+def _defaults(dataset: str, recipe: str | None) -> PipelineConfig:
+    """What the flags override: the dataset's defaults, or the recipe's."""
+    if recipe is None:
+        return CONFIGS[dataset]
+    config = recipe_config(recipe)
+    blocked = RECIPES[recipe].blocked
+    if blocked is not None:
+        raise ValueError(f"--recipe {recipe} cannot run yet: {blocked}")
+    if config.dataset != dataset:
+        raise ValueError(f"--recipe {recipe} is a {config.dataset} recipe: give --dataset "
+                         f"{config.dataset}, got --dataset {dataset}")
+    return config
+
+
 def from_flags(args: argparse.Namespace, dataset: str) -> PipelineConfig:
-    """The dataset's configuration with every flag given in ``args`` applied."""
+    """The dataset's configuration (or ``--recipe``'s) with every flag given in ``args``
+    applied.
+
+    Raises:
+        ValueError: ``--recipe`` names another dataset's recipe, or one that the pipeline
+            cannot run yet (:attr:`~examples.segmentation.recipes.Recipe.blocked`).
+    """
     values = {f.name: getattr(args, f.name, None) for f in fields(PipelineConfig)
               if f.name != "dataset"}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    config = CONFIGS[dataset].override(**values)
+    config = _defaults(dataset, getattr(args, "recipe", None)).override(**values)
     nones: dict[str, Any] = {k: None for k, v in values.items() if v is _NONE}
     return replace(config, **nones) if nones else config
