@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +61,7 @@ __all__ = [
     "Preset",
     "attention_transfer",
     "cirkd",
+    "combine",
     "cwd",
     "dist",
     "fitnet",
@@ -752,6 +753,7 @@ def holistic(
     image_channels: int = 0,
     width: int = 64,
     resize: Resize = "none",
+    min_size: int | None = None,
     teacher_output: OutputSelector = None,
     student_output: OutputSelector = None,
     teacher_input: InputFn | None = None,
@@ -780,6 +782,8 @@ def holistic(
             wrapper's inputs must then be the image batch).
         width: the discriminator's width (the reference's 64).
         resize: the grid rule between the two logits.
+        min_size: upsample logits whose shorter side is below it before the
+            discriminator (see :class:`~segdistill.HolisticLoss`; for small images).
         teacher_output: how to find the teacher's logits (see
             :func:`~segdistill.hooks.select_output`).
         student_output: how to find the student's logits.
@@ -793,7 +797,8 @@ def holistic(
     """
     term = DistillationTerm(
         HolisticLoss(num_classes, image_channels=image_channels, width=width,
-                     discriminator_weight=discriminator_weight, resize=resize),
+                     discriminator_weight=discriminator_weight, resize=resize,
+                     min_size=min_size),
         student=OUTPUT, teacher=OUTPUT, weight=weight, uses_inputs=image_channels > 0,
     )
     return DistillationWrapper(teacher, student, {"holistic": term},
@@ -894,3 +899,92 @@ def cirkd(
                                {FEATURES: specs["student"]}, teacher_output=teacher_output,
                                student_output=student_output,
                                teacher_input=teacher_input, student_input=student_input)
+
+
+def _agreed(wrappers: tuple[DistillationWrapper, ...], attribute: str) -> Any:
+    """The one non-``None`` value of ``attribute`` the wrappers agree on (``None`` if none)."""
+    values = [getattr(w, attribute) for w in wrappers if getattr(w, attribute) is not None]
+    if any(v is not values[0] and v != values[0] for v in values[1:]):
+        raise ValueError(f"the wrappers have different {attribute}= ({values}); combine "
+                         "wrappers built with the same one")
+    return values[0] if values else None
+
+
+def _merged_layers(wrappers: tuple[DistillationWrapper, ...], side: str,
+                   ) -> tuple[dict[str, FeatureSpec], list[dict[str, str]]]:
+    """One side's layers of all the wrappers under names that do not clash (a layer that
+    two wrappers capture alike is captured once), and each wrapper's renaming."""
+    merged: dict[str, FeatureSpec] = {}
+    renames: list[dict[str, str]] = []
+    for index, wrapper in enumerate(wrappers):
+        rename: dict[str, str] = {OUTPUT: OUTPUT}
+        layers = wrapper.teacher_layers if side == "teacher" else wrapper.student_layers
+        for name, spec in layers.items():
+            same = [n for n, s in merged.items() if s == spec and s.call == spec.call]
+            if same:
+                rename[name] = same[0]
+                continue
+            new = name if name not in merged else f"{name}_{index}"
+            merged[new], rename[name] = spec, new
+        renames.append(rename)
+    return merged, renames
+
+
+def combine(*wrappers: DistillationWrapper) -> DistillationWrapper:
+    """One wrapper with every term of ``wrappers``, built on the same teacher and student
+    (e.g. a feature method plus pixel KD plus the holistic term, as CIRKD's scripts run
+    their baselines).
+
+    Each layer is captured once however many terms read it; feature names that clash
+    are renamed. The part wrappers' hooks are removed (use the combined wrapper only).
+
+    Args:
+        wrappers: at least two wrappers of the same teacher and student, each term name
+            in one of them only.
+
+    Returns:
+        The combined wrapper; its terms keep their names and weights.
+
+    Raises:
+        ValueError: fewer than two wrappers, other models, a term name in two of them,
+            or different output selectors or input functions.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 5, 1))
+        >>> student = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 1))
+        >>> both = combine(kd(teacher, student),
+        ...                attention_transfer(teacher, student, teacher_layer="1",
+        ...                                   student_layer="1"))
+        >>> sorted(both(torch.randn(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.long)).losses)
+        ['attention', 'kd']
+    """
+    if len(wrappers) < 2 or not all(isinstance(w, DistillationWrapper) for w in wrappers):
+        raise ValueError(f"expected at least two DistillationWrappers, got "
+                         f"{[type(w).__name__ for w in wrappers]}")
+    first = wrappers[0]
+    if any(w.teacher is not first.teacher or w.student is not first.student
+           for w in wrappers[1:]):
+        raise ValueError("combine wrappers of the same teacher and student modules")
+    names = [name for w in wrappers for name in w.terms]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ValueError(f"term names {clashes} are in more than one wrapper; a term would "
+                         "count twice (e.g. pixel KD both in 'cirkd' and in 'kd')")
+    options = {a: _agreed(wrappers, a) for a in ("teacher_output", "student_output",
+                                                 "teacher_input", "student_input")}
+    teacher_layers, t_renames = _merged_layers(wrappers, "teacher")
+    student_layers, s_renames = _merged_layers(wrappers, "student")
+    terms: dict[str, DistillationTerm] = {}
+    for wrapper, t_names, s_names in zip(wrappers, t_renames, s_renames, strict=True):
+        for name, module in wrapper.terms.items():
+            term = cast(DistillationTerm, module)
+            terms[name] = DistillationTerm(
+                term.loss, student=s_names[term.student], teacher=t_names[term.teacher],
+                weight=term.weight, student_adapter=term.student_adapter,
+                teacher_transform=term.teacher_transform, uses_target=term.uses_target,
+                uses_inputs=term.uses_inputs)
+        wrapper.remove_hooks()
+    return DistillationWrapper(first.teacher, first.student, terms, teacher_layers,
+                               student_layers, save_frozen=any(w.save_frozen for w in wrappers),
+                               **options)

@@ -298,6 +298,16 @@ class DistillationWrapper(nn.Module):
         self.register_state_dict_post_hook(_DropFrozen())  # type: ignore[no-untyped-call]
         self.register_load_state_dict_pre_hook(_RestoreFrozen())  # type: ignore[no-untyped-call]
 
+    @property
+    def teacher_layers(self) -> dict[str, FeatureSpec]:
+        """The teacher's captured layers, ``{feature name: FeatureSpec}``."""
+        return dict(self._teacher_hooks.specs)
+
+    @property
+    def student_layers(self) -> dict[str, FeatureSpec]:
+        """The student's captured layers, ``{feature name: FeatureSpec}``."""
+        return dict(self._student_hooks.specs)
+
     # ---- frozen parts ------------------------------------------------------------------
 
     def _terms(self) -> Iterator[tuple[str, DistillationTerm]]:

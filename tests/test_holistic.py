@@ -396,3 +396,28 @@ def test_pickle_state_dict_and_optimizer():
 def test_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_min_size_equals_the_loss_on_logits_upsampled_by_hand():
+    torch.manual_seed(0)
+    small = HolisticLoss(5, width=8, min_size=64)
+    plain = HolisticLoss(5, width=8)
+    plain.load_state_dict(small.state_dict())
+    s = torch.randn(2, 5, 48, 40, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 5, 48, 40, dtype=torch.float64)
+    small.double()
+    plain.double()
+    up = torch.nn.functional.interpolate
+    s_up = up(s, size=(77, 64), mode="bilinear", align_corners=False)  # 40 -> 64: x1.6
+    t_up = up(t, size=(77, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(small(s, t), plain(s_up, t_up))
+    grad = torch.autograd.grad(small(s, t), s)[0]
+    s2 = s.detach().clone().requires_grad_()
+    ref = torch.autograd.grad(plain(up(s2, size=(77, 64), mode="bilinear",
+                                       align_corners=False), t_up), s2)[0]
+    torch.testing.assert_close(grad, ref)
+    torch.testing.assert_close(small.discriminator_loss(s, t), plain.discriminator_loss(s_up, t_up))
+    big = torch.randn(2, 5, 64, 64, dtype=torch.float64)
+    torch.testing.assert_close(small(big, big), plain(big, big))  # large enough: unchanged
+    with pytest.raises(ValueError, match=r"min_size >= 64"):
+        HolisticLoss(5, min_size=48)

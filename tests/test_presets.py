@@ -257,3 +257,49 @@ def test_cirkd_preset_terms_and_the_memory_head():
         presets.cirkd(*tiny_pair(), teacher_layer="relu", student_layer="relu", num_classes=5,
                       minibatch_weight=0.0, memory_pixel_weight=0.0, memory_region_weight=0.0,
                       kd_weight=0.0)
+
+
+def test_combine_sums_the_parts_and_captures_a_shared_layer_once():
+    from models import tiny_pair
+
+    torch.manual_seed(0)
+    teacher, student = tiny_pair()
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 5, (2, 4, 4))
+    parts = [presets.kd(teacher, student, resize="teacher"),
+             presets.attention_transfer(teacher, student, teacher_layer="relu",
+                                        student_layer="relu", resize="teacher"),
+             presets.fitnet(teacher, student, teacher_layer=FeatureSpec("relu", channels=12),
+                            student_layer=FeatureSpec("relu", channels=6), resize="teacher")]
+    separate = {name: value for part in parts for name, value in part(x, y).losses.items()}
+    both = presets.combine(*parts)
+    # relu with and without its channels: two specs (renamed apart) on one module
+    assert both.teacher_layers == {"features": FeatureSpec("relu"),
+                                   "features_2": FeatureSpec("relu", channels=12)}
+    out = both(x, y)
+    assert out.losses.keys() == separate.keys()
+    for name, value in separate.items():
+        torch.testing.assert_close(out.losses[name], value)
+    same = presets.combine(
+        presets.attention_transfer(teacher, student, teacher_layer="relu", student_layer="relu",
+                                   resize="teacher"),
+        presets.pairwise(teacher, student, teacher_layer="relu", student_layer="relu",
+                         resize="student"))
+    assert same.teacher_layers == {"features": FeatureSpec("relu")}  # captured once
+    same(x)
+    same.remove_hooks()
+    assert all(not m._forward_hooks or all(
+        getattr(h, "owner", None) in (both._teacher_hooks, both._student_hooks)
+        for h in m._forward_hooks.values()) for m in (*teacher.modules(), *student.modules()))
+
+
+def test_combine_refuses_what_would_be_wrong():
+    from models import tiny_pair
+
+    teacher, student = tiny_pair()
+    with pytest.raises(ValueError, match=r"term names \['kd'\] are in more than one wrapper"):
+        presets.combine(presets.kd(teacher, student), presets.kd(teacher, student))
+    other, _ = tiny_pair()
+    with pytest.raises(ValueError, match="same teacher and student"):
+        presets.combine(presets.kd(teacher, student), presets.dist(other, student))
+    with pytest.raises(ValueError, match="at least two DistillationWrappers"):
+        presets.combine(presets.kd(teacher, student))

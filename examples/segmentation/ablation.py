@@ -49,6 +49,11 @@ ROWS: dict[str, tuple[str, dict[str, float]]] = {
     "attention": ("attention_transfer", {}),
     "pairwise": ("pairwise", {}),
     "cwd": ("cwd", {}),
+    "dist": ("dist", {}),
+    "mgd": ("mgd", {}),
+    "ifvd": ("ifvd", {}),
+    "cirkd": ("cirkd", {}),
+    "holistic": ("holistic", {}),
     "affinity": ("knowledge_adaptation", {"adaptation_weight": 0.0}),
     "adaptation": ("knowledge_adaptation", {"affinity_weight": 0.0}),
     "adaptation+affinity": ("knowledge_adaptation", {}),
@@ -59,6 +64,10 @@ it sets. The weights of the paper's terms come from ``--beta``/``--gamma``."""
 PAPER_ROWS = ("student", "kd_T2", "kd_T4", "kd_T6", "fitnet", "affinity", "adaptation",
               "adaptation+affinity")
 """The rows of the paper's Tables 1 and 3, the default."""
+
+METHOD_ROWS = ("student", "kd_T4", "fitnet", "attention", "pairwise", "cwd", "dist", "mgd",
+               "ifvd", "cirkd", "holistic", "adaptation+affinity")
+"""One row per pipeline method, each at its preset's reference weights (``--rows every``)."""
 
 
 def variants(row: str, betas: Sequence[float], gammas: Sequence[float]
@@ -198,6 +207,32 @@ def run_ablation(run: Run, out: Path, rows: Sequence[str], seeds: Sequence[int],
     return results
 
 
+def merge_results(folders: Sequence[Path]) -> dict[str, Any]:
+    """The rows of several ablation runs' ``results.json`` as one result: the teacher's
+    row once (they must share it: the same teacher), every other row as it was; the
+    time is the sum of the runs' (the runs may have run side by side).
+
+    Raises:
+        ValueError: a folder has no results, or the runs had different teachers.
+    """
+    parts = []
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise ValueError(f"no results.json in {folder}")
+        parts.append(json.loads(path.read_text()))
+    teachers = [next(r for r in p["rows"] if r["method"] == "teacher") for p in parts]
+    if any(t["miou"] != teachers[0]["miou"] for t in teachers[1:]):
+        raise ValueError("the runs to merge had different teachers (their teacher mIoUs "
+                         f"differ: {[t['miou'] for t in teachers]}); train them with "
+                         "--reuse-teacher on one --runs folder")
+    rows = [teachers[0]] + [r for p in parts for r in p["rows"] if r["method"] != "teacher"]
+    merged = {"config": parts[0]["config"], "machine": parts[0]["machine"], "rows": rows,
+              "seconds": sum(p["seconds"] for p in parts), "merged_from": [str(f) for f in folders]}
+    merged["summary"] = summarize(rows)
+    return merged
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point of ``python -m examples.segmentation.ablation``."""
     p = argparse.ArgumentParser(prog="python -m examples.segmentation.ablation",
@@ -209,8 +244,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="where the results go (default runs/ablation)")
     p.add_argument("--runs", type=Path, help="where the models, checkpoints and logs go "
                    "(default: --out)")
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(PAPER_ROWS),
-                   help=f"rows to train (default: the paper's, {' '.join(PAPER_ROWS)})")
+    p.add_argument("--rows", nargs="+", choices=[*ROWS, "every"], default=list(PAPER_ROWS),
+                   help=f"rows to train (default: the paper's, {' '.join(PAPER_ROWS)}; "
+                   f"'every': one per method, {' '.join(METHOD_ROWS)})")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
+                   help="train nothing: merge the results.json of earlier runs (e.g. one "
+                   "seed each, run side by side) into one summary in --out")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="student seeds (default 0 1 2)")
     p.add_argument("--beta", type=float, nargs="+", default=[PAPER_BETA],
@@ -225,17 +264,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     configs.add_flags(p)
     args = p.parse_args(argv)
+    if "every" in args.rows:
+        args.rows = [r for r in args.rows if r != "every"] + [
+            r for r in METHOD_ROWS if r not in args.rows]
     out = args.out
     args.out, args.resume, args.stop_after = args.runs or out, False, None
     run = make_run(args)
 
     weights = (f"beta = {', '.join(f'{b:g}' for b in args.beta)}, "
                f"gamma = {', '.join(f'{g:g}' for g in args.gamma)}")
-    print(f"ablation on {args.dataset}: {', '.join(args.rows)}; seeds {args.seeds}; "
-          f"{run.config.distill_steps} student steps; {weights}; output in {out}/",
-          flush=True)
-    results = run_ablation(run, out, args.rows, args.seeds, args.beta, args.gamma,
-                           figure=not args.no_figure, reuse=args.reuse_teacher)
+    if args.merge:
+        results = merge_results(args.merge)
+        args.seeds = sorted({r["seed"] for r in results["rows"] if r["method"] != "teacher"})
+    else:
+        print(f"ablation on {args.dataset}: {', '.join(args.rows)}; seeds {args.seeds}; "
+              f"{run.config.distill_steps} student steps; {weights}; output in {out}/",
+              flush=True)
+        results = run_ablation(run, out, args.rows, args.seeds, args.beta, args.gamma,
+                               figure=not args.no_figure, reuse=args.reuse_teacher)
     command = "python -m examples.segmentation.ablation " + shlex.join(
         argv if argv is not None else sys.argv[1:])
     ending = footer(results["seconds"])
@@ -245,6 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if scales:
         print(f"\nweighted loss terms (mean over seeds):\n{scales}")
         scales = f"\nWeighted loss terms, mean over seeds:\n\n{scales}\n"
+    out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "summary.md").write_text(
         f"{table}\n\nCommand: `{command.strip()}`  \nMachine: {ending}  \n"
         f"{weights}, {run.config.distill_steps} student steps, seeds {args.seeds}\n{scales}")

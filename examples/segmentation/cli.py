@@ -26,7 +26,7 @@ import torch.distributed as dist
 from examples.segmentation import config as configs
 from examples.segmentation import export, stages
 from examples.segmentation.evaluation import evaluate
-from examples.segmentation.methods import METHODS
+from examples.segmentation.methods import METHODS, check_method
 from examples.segmentation.reporting import visualize
 from examples.segmentation.run import Run, dataset, setup
 
@@ -41,9 +41,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, help="the dataset's root folder (VOC, Cityscapes, Pascal "
                    "Context)")
     p.add_argument("--out", type=Path, help="output folder (default runs/<dataset>)")
-    p.add_argument("--method", choices=METHODS, default="knowledge_adaptation",
-                   help="distillation method for 'distill' and 'all': a preset of "
-                   "segdistill.presets.PRESETS (default: knowledge_adaptation, the paper's)")
+    p.add_argument("--method", nargs="+", type=_method, default=["knowledge_adaptation"],
+                   metavar="METHOD",
+                   help="distillation methods for 'distill' and 'all', each run in turn: a "
+                   f"preset of segdistill.presets.PRESETS ({', '.join(METHODS)}), or several "
+                   "joined by '+' into one wrapper (e.g. cirkd+holistic, as CIRKD's scripts); "
+                   "default: knowledge_adaptation, the paper's")
     p.add_argument("--models", nargs="+", help="models for 'evaluate'/'visualize', e.g. "
                    "teacher student distill-knowledge_adaptation ('export': students only; "
                    "default "
@@ -65,6 +68,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _method(text: str) -> str:
+    """``--method``'s type: a pipeline method or a combination, or a usage error."""
+    try:
+        check_method(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+    return text
+
+
+def _distilled(args: argparse.Namespace) -> list[str]:
+    return [f"distill-{method}" for method in args.method]
+
+
 def make_run(args: argparse.Namespace) -> Run:
     """The run the parsed arguments describe (and the process group under torchrun)."""
     config = configs.from_flags(args, args.dataset)
@@ -81,19 +97,19 @@ def _models(args: argparse.Namespace, default: Sequence[str]) -> list[str]:
 
 
 def _evaluate(run: Run, args: argparse.Namespace) -> None:
-    for name in _models(args, ["teacher", "student", f"distill-{args.method}"]):
+    for name in _models(args, ["teacher", "student", *_distilled(args)]):
         evaluate(run, name)
 
 
 def _visualize(run: Run, args: argparse.Namespace) -> None:
     if run.main:
-        path = visualize(run, _models(args, ["teacher", "student", f"distill-{args.method}"]),
+        path = visualize(run, _models(args, ["teacher", "student", *_distilled(args)]),
                          pixel=tuple(args.pixel) if args.pixel else None)
         print(f"figure: {path}")
 
 
 def _export(run: Run, args: argparse.Namespace) -> None:
-    for name in _models(args, [f"distill-{args.method}"]):
+    for name in _models(args, _distilled(args)):
         stages.export(run, name, args.formats)
 
 
@@ -107,7 +123,7 @@ COMMANDS: dict[str, Callable[[Run, argparse.Namespace, Sequence[str] | None], An
     "teacher": lambda run, args, argv: stages.train_teacher(run),
     "student": lambda run, args, argv: stages.train_student(run),
     "translator": lambda run, args, argv: stages.train_translator_stage(run),
-    "distill": lambda run, args, argv: stages.distill(run, args.method),
+    "distill": lambda run, args, argv: [stages.distill(run, m) for m in args.method],
     "evaluate": lambda run, args, argv: _evaluate(run, args),
     "visualize": lambda run, args, argv: _visualize(run, args),
     "export": lambda run, args, argv: _export(run, args),

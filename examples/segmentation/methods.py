@@ -24,6 +24,7 @@ from examples.segmentation.run import (
 from segdistill import DistillationWrapper, Translator, presets
 
 __all__ = [
+    "COMBINATIONS",
     "METHODS",
     "NOT_YET",
     "OPTIONS",
@@ -31,6 +32,8 @@ __all__ = [
     "check_method",
     "distillation_wrapper",
     "method_options",
+    "needs_translator",
+    "parts",
     "trained_translator",
 ]
 
@@ -70,35 +73,62 @@ OPTIONS: dict[str, MethodOptions] = {
                          "ignore_index": IGNORE_INDEX, "resize": "student"},
     # the student's map upsampled onto the teacher's grid before it is masked
     "mgd": lambda run: {**_layers(run), "resize": "teacher"},
+    # logits upsampled to the discriminator's 64 x 64 where they are smaller (the digit
+    # scenes' 48 x 48); no effect at VOC's and Cityscapes' sizes
+    "holistic": lambda run: {"num_classes": run.config.num_classes, "min_size": 64},
 }
 """Each method's preset options, by the preset's registry name."""
 
-NOT_YET: dict[str, str] = {
-    "holistic": "its discriminator needs an optimiser of its own in fit, and logits of at "
-                "least 64 x 64 (the digit scenes' are 48 x 48)",
-}
-"""Registry presets the pipeline does not run yet, and why."""
+NOT_YET: dict[str, str] = {}
+"""Registry presets the pipeline does not run yet, and why (none now)."""
 
 METHODS: tuple[str, ...] = tuple(OPTIONS)
-"""The names ``--method`` takes: the registry's, less :data:`NOT_YET`."""
+"""The names ``--method`` takes: the registry's, less :data:`NOT_YET`; and any of
+them joined by ``+`` (see :func:`parts`)."""
 
 TRANSLATOR_METHODS = frozenset({"knowledge_adaptation"})
 """The methods that need the translator stage first."""
 
+COMBINATIONS: dict[str, str] = {
+    "cirkd+holistic": "CIRKD's train_cirkd.sh: pixel KD, the mini-batch and memory terms, "
+                      "and the adversarial term",
+    "ifvd+kd+holistic": "CIRKD's baseline script for IFVD: pixel KD and the adversarial term "
+                        "beside it",
+    "cwd+holistic": "CWD with CIRKD's adversarial term",
+}
+"""Combinations CIRKD's scripts run, as ``--method`` takes them (any ``a+b`` works)."""
+
+
+def parts(method: str) -> list[str]:
+    """The presets of a method: ``'ifvd+kd+holistic'`` is three, combined into one
+    wrapper (:func:`segdistill.presets.combine`)."""
+    return method.split("+")
+
 
 def check_method(method: str) -> None:
-    """Raise ``ValueError`` unless ``method`` is a pipeline method (the message lists them)."""
-    if method not in OPTIONS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    """Raise ``ValueError`` unless ``method`` is a pipeline method or a ``+``-joined
+    combination of distinct ones (the message lists them)."""
+    names = parts(method)
+    unknown = [name for name in names if name not in OPTIONS]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, or several distinct "
+                         f"ones joined by '+' (e.g. cirkd+holistic), got {method!r}")
+
+
+def needs_translator(method: str) -> bool:
+    """Whether a method (or a part of a combination) needs the translator stage first."""
+    return any(name in TRANSLATOR_METHODS for name in parts(method))
 
 
 def method_options(run: Run, method: str) -> dict[str, Any]:
-    """The preset options ``method`` takes in ``run``.
+    """The preset options ``method`` (one preset) takes in ``run``.
 
     Raises:
         ValueError: ``method`` is not a pipeline method.
     """
-    check_method(method)
+    if method not in OPTIONS:
+        check_method(method)
+        raise ValueError(f"method_options takes one preset, got the combination {method!r}")
     return OPTIONS[method](run)
 
 
@@ -113,4 +143,6 @@ def distillation_wrapper(run: Run, method: str) -> DistillationWrapper:
     student = build_student(run)
     # after both networks (each seeded): the translator's and the adapters' initialisation
     # draw from the generator in this order, so a seed gives the same run as before
-    return presets.get_preset(method)(teacher, student, **method_options(run, method))
+    wrappers = [presets.get_preset(name)(teacher, student, **method_options(run, name))
+                for name in parts(method)]
+    return wrappers[0] if len(wrappers) == 1 else presets.combine(*wrappers)

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from examples.segmentation import export as export_formats
 from examples.segmentation.evaluation import evaluate, validator
-from examples.segmentation.methods import TRANSLATOR_METHODS, distillation_wrapper
+from examples.segmentation.methods import distillation_wrapper, needs_translator
 from examples.segmentation.references import reference_frozen, teacher_transforms
 from examples.segmentation.reporting import footer, format_summary, visualize
 from examples.segmentation.run import (
@@ -174,20 +174,25 @@ def export(run: Run, name: str,
     return result
 
 
-def run_all(run: Run, method: str, command: str = "") -> list[dict[str, Any]]:
-    """Every stage in order, then the evaluation of the three models, and the figure.
+def run_all(run: Run, methods: str | Sequence[str],
+            command: str = "") -> list[dict[str, Any]]:
+    """Every stage in order (the translator only when a method needs it; one distillation
+    per method), then the evaluation of the teacher, the student and each distilled
+    student, and the figure.
 
     Prints a summary table with the time it all took and the machine, and writes
     it to ``OUT/summary.md`` with ``command``, the command line that ran it.
     """
+    methods = [methods] if isinstance(methods, str) else list(methods)
     start = time.perf_counter()
     train_teacher(run)
     train_student(run)
-    if method in TRANSLATOR_METHODS:
+    if any(needs_translator(method) for method in methods):
         train_translator_stage(run)
-    distill(run, method)
-    results = [evaluate(run, name, echo=False)
-               for name in ("teacher", "student", f"distill-{method}")]
+    for method in methods:
+        distill(run, method)
+    names = ["teacher", "student", *(f"distill-{method}" for method in methods)]
+    results = [evaluate(run, name, echo=False) for name in names]
     if run.main:
         figure = visualize(run, [r["model"] for r in results])
         summary = f"{format_summary(results)}\n\n{footer(time.perf_counter() - start)}"

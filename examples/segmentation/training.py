@@ -49,7 +49,12 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from examples.segmentation.config import Amp
 from examples.segmentation.locks import process_alive
 from examples.segmentation.models import param_groups
-from segdistill import DistillationWrapper, load_checkpoint, save_checkpoint
+from segdistill import (
+    DistillationWrapper,
+    discriminator_optimizer,
+    load_checkpoint,
+    save_checkpoint,
+)
 from segdistill.hooks import select_output
 
 # torchdata 0.11 calls torch.set_vital, which torch 2.14 deprecates, once per loader:
@@ -283,6 +288,9 @@ class _Run:
     sampler: KeyedSampler
     record: dict[str, Any] = field(default_factory=dict)
     """What the checkpoint records of the run's settings (see :attr:`TrainConfig.record`)."""
+    adversary: torch.optim.Optimizer | None = None
+    """The optimiser of a term's discriminator (the holistic term's Adam), stepped with
+    the student's after the same backward; ``None`` when no term has one."""
     saved: int | None = None
     """The step of the checkpoint on disk that this run wrote or resumed from."""
     step: int = 0
@@ -398,7 +406,8 @@ def fit(
     model.to(device)
     optimizer, schedule, scaler = make_optimizer(model, config, device)
     run = _Run(config, model, model, device, rank, distributed, optimizer, schedule,
-               scaler, loader, sampler, record=run_record(config, world))
+               scaler, loader, sampler, record=run_record(config, world),
+               adversary=make_adversary(model))
     if rank == 0 and config.checkpoint_path:
         remove_stale_temporaries(config.checkpoint_path)
     if resume and config.checkpoint_path and os.path.exists(config.checkpoint_path):
@@ -460,6 +469,17 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device,
     schedule = PolynomialLR(optimizer, total_iters=config.steps, power=config.poly_power)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     return optimizer, schedule, scaler
+
+
+def make_adversary(model: nn.Module) -> torch.optim.Optimizer | None:
+    """The optimiser of the discriminators a wrapper's terms train against the student
+    (:meth:`~segdistill.DistillationWrapper.separately_optimized_parameters`): Adam at
+    4e-4, betas (0.9, 0.99), as SKD and CIRKD (:func:`segdistill.discriminator_optimizer`),
+    at a constant rate; ``None`` when there are none."""
+    if not isinstance(model, DistillationWrapper):
+        return None
+    params = list(model.separately_optimized_parameters())
+    return discriminator_optimizer(params) if params else None
 
 
 def run_record(config: TrainConfig, world: int) -> dict[str, Any]:
@@ -562,6 +582,12 @@ def restore(run: _Run, path: str) -> None:
                      "--student)? Give the ones it was written with, or start the stage "
                      "afresh without --resume")
     run.optimizer.load_state_dict(state["optimizer"])
+    if run.adversary is not None:
+        if state.get("adversary") is None:
+            raise ValueError(f"the checkpoint {path} holds no discriminator optimiser, but this "
+                             "run's method trains a discriminator; resume with the method it "
+                             "was written with, or start afresh without --resume")
+        run.adversary.load_state_dict(state["adversary"])
     run.schedule.load_state_dict(state["schedule"])
     run.scaler.load_state_dict(state["scaler"])
     run.loader.load_state_dict(state["loader"])
@@ -575,6 +601,8 @@ def save(run: _Run) -> None:
     if run.rank == 0 and run.config.checkpoint_path:
         save_checkpoint({"model": run.model.state_dict(),
                          "optimizer": run.optimizer.state_dict(),
+                         "adversary": (None if run.adversary is None
+                                       else run.adversary.state_dict()),
                          "schedule": run.schedule.state_dict(),
                          "scaler": run.scaler.state_dict(),
                          "loader": run.loader.state_dict(), "rng": _rng_state(),
@@ -657,12 +685,16 @@ def optimizer_step(run: _Run, lr: float) -> dict[str, float]:
                             f"being {loss:.4g}", "before its update was applied",
                             updated=run.step > 0)
     run.scaler.step(run.optimizer)
+    if run.adversary is not None:
+        run.scaler.step(run.adversary)
     run.scaler.update()
     bad = _non_finite({**trainable, **dict(run.model.named_buffers())})
     if bad:
         raise _diverged(run, f"the model's weights went non-finite ({_names(bad)}), the "
                         f"loss being {loss:.4g}", "before they were saved", updated=True)
     run.optimizer.zero_grad(set_to_none=True)
+    if run.adversary is not None:
+        run.adversary.zero_grad(set_to_none=True)
     run.schedule.step()
     run.step += 1
     micro, run.micro = run.micro, []

@@ -18,6 +18,7 @@ accumulation and a gradient scaler need no special handling for.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from typing import cast
 
@@ -506,6 +507,11 @@ class HolisticLoss(nn.Module):
             (see :func:`~segdistill._features.align_grids`); default ``'none'``.
         reduction: ``'none'`` (one value per image) | ``'mean'`` | ``'sum'``
             over the batch, for both losses.
+        min_size: ``None`` (default, the reference) or a side of at least 64: logits
+            whose shorter side is below it are bilinearly upsampled (aspect kept) until
+            it is, before the discriminator, for images smaller than the
+            discriminator's 64 x 64 (the pipeline's 48 x 48 digit scenes). Not in the
+            reference code.
 
     Shape:
         - student_logits: :math:`(B, K, h, w)`.
@@ -545,8 +551,12 @@ class HolisticLoss(nn.Module):
 
     def __init__(self, num_classes: int, *, image_channels: int = 0, width: int = 64,
                  discriminator_weight: float = 0.1, resize: Resize = "none",
-                 reduction: Reduction = "mean") -> None:
+                 reduction: Reduction = "mean", min_size: int | None = None) -> None:
         super().__init__()
+        if min_size is not None and check_positive_int("min_size", min_size) < _MIN_SIZE:
+            raise ValueError(f"expected min_size >= {_MIN_SIZE} (the discriminator's smallest "
+                             f"input) or None, got {min_size}")
+        self.min_size = min_size
         self.discriminator_weight = check_real("discriminator_weight", discriminator_weight,
                                                minimum=0.0)
         check_resize(resize)
@@ -587,11 +597,19 @@ class HolisticLoss(nn.Module):
         check_feature_pair(student, teacher, ("student logits", "teacher logits"),
                            same_channels=" (one per class)")
         s, t = align_grids(student, teacher, self.resize)
+        h, w = s.shape[-2:]
+        if self.min_size is not None and min(h, w) < self.min_size:
+            scale = self.min_size / min(h, w)
+            size = (max(self.min_size, math.ceil(h * scale - 1e-9)),
+                    max(self.min_size, math.ceil(w * scale - 1e-9)))
+            s = F.interpolate(s, size=size, mode="bilinear", align_corners=False)
+            t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
         return s, t.to(s.dtype)
 
     def extra_repr(self) -> str:
         d = self.discriminator
         return (f"num_classes={d.num_classes}, image_channels={d.image_channels}, "
                 f"width={d.width}, discriminator_weight={self.discriminator_weight}, "
-                f"resize={self.resize!r}, reduction={self.reduction!r}")
+                f"resize={self.resize!r}, reduction={self.reduction!r}"
+                + ("" if self.min_size is None else f", min_size={self.min_size}"))
 
