@@ -77,3 +77,31 @@ def test_a_combination_and_several_methods_in_one_command(tmp_path):
     combined = _log(out / "distill-ifvd+kd+holistic")
     assert len(combined) == 2 and {"ifvd", "kd", "holistic", "ce"} <= set(combined[-1])
     assert {"dist", "ce"} <= set(_log(out / "distill-dist")[-1])
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_memory_bank_and_a_discriminator(tmp_path):
+    """torchrun with 2 gloo processes: CIRKD's memory queues are gathered from both ranks
+    and the discriminator's gradients are all-reduced by DDP around the wrapper."""
+    import os
+    import subprocess
+
+    out = tmp_path / "runs"
+    assert main(["teacher", *DIGITS, "--out", str(out)]) == 0
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "path").mkdir()
+    (tmp_path / "path" / "examples").symlink_to(repo / "examples")
+    path = os.pathsep.join(p for p in (str(tmp_path / "path"), os.environ.get("PYTHONPATH"))
+                           if p)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29533", "-m", "examples.segmentation", "distill", "--method",
+         "cirkd+holistic", *DIGITS, "--out", str(out)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = _log(out / "distill-cirkd+holistic")
+    assert len(log) == 2 and {"kd", "holistic", "ce"} <= set(log[-1])
+    assert any(k.startswith("memory") or "memory" in k for k in log[-1]), log[-1]
+    state = load_checkpoint(out / "distill-cirkd+holistic" / "checkpoint.pt")
+    assert state["adversary"] is not None
