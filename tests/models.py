@@ -27,6 +27,20 @@ def tiny_pair(num_classes: int = 5) -> tuple[nn.Module, nn.Module]:
     return teacher, student
 
 
+def tiny_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Four 16 x 16 images and labels on the tiny pair's logit grid (4 x 4), seeded."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 5, (4, 4, 4), generator=g)
+
+
+def task_and_distillation_loss(model: nn.Module, x: torch.Tensor,
+                               y: torch.Tensor) -> torch.Tensor:
+    """A wrapper's (or a DDP/FSDP-wrapped wrapper's) distillation loss plus the student's
+    cross-entropy on ``y``."""
+    out = model(x)
+    return out.loss + nn.functional.cross_entropy(out.output, y)
+
+
 def mobilenet_v2_os16(num_classes: int = 21) -> nn.Module:
     """A MobileNetV2 student at output stride 16 (features up to the 96-channel stage)."""
     from torchvision.models import mobilenet_v2

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from models import tiny_pair
+from models import task_and_distillation_loss, tiny_batch, tiny_pair
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -30,15 +30,6 @@ def _build():
     return wrapper
 
 
-def _batch():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 5, (4, 4, 4), generator=g)
-
-
-def _loss(model, x, y):
-    out = model(x)
-    return out.loss + nn.functional.cross_entropy(out.output, y)
-
 
 def _grads(wrapper):
     return {n: p.grad.clone() for n, p in wrapper.named_parameters() if p.requires_grad}
@@ -50,11 +41,11 @@ def _worker(rank, init_file, out_dir):
     try:
         wrapper = _build()
         ddp = DistributedDataParallel(wrapper)
-        x, y = _batch()
+        x, y = tiny_batch()
         shard = slice(rank * 2, rank * 2 + 2)
         for _ in range(2):  # a second step fails if any parameter went unused in the first
             ddp.zero_grad()
-            _loss(ddp, x[shard], y[shard]).backward()
+            task_and_distillation_loss(ddp, x[shard], y[shard]).backward()
         torch.save(_grads(wrapper), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -64,8 +55,8 @@ def _worker(rank, init_file, out_dir):
 def test_ddp_gradients_equal_single_process(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     single = _build()
-    x, y = _batch()
-    _loss(single, x, y).backward()
+    x, y = tiny_batch()
+    task_and_distillation_loss(single, x, y).backward()
     expected = _grads(single)
     assert expected, "no trainable parameters"
     for rank in range(WORLD):
@@ -83,8 +74,8 @@ def test_export_student_unwraps_a_ddp_student(tmp_path):
         wrapper = presets.attention_transfer(
             teacher, DistributedDataParallel(student), teacher_layer="relu",
             student_layer="relu", resize="teacher")
-        x, y = _batch()
-        _loss(wrapper, x, y).backward()
+        x, y = tiny_batch()
+        task_and_distillation_loss(wrapper, x, y).backward()
         assert student.stem.weight.grad is not None
         exported = wrapper.export_student()
     finally:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from models import tiny_pair
+from models import task_and_distillation_loss, tiny_batch, tiny_pair
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -59,15 +59,6 @@ def _build(preset: str):
     return wrapper
 
 
-def _batch():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 5, (4, 4, 4), generator=g)
-
-
-def _loss(model, x, y):
-    out = model(x)
-    return out.loss + nn.functional.cross_entropy(out.output, y)
-
 
 def _full(module: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter, gathered when sharded (a collective under FSDP2)."""
@@ -82,13 +73,13 @@ def _train(wrapper, model, x, y, steps: int = STEPS) -> None:
     optimizer = torch.optim.SGD(wrapper.trainable_parameters(), lr=0.5, momentum=0.9)
     for _ in range(steps):
         optimizer.zero_grad()
-        _loss(model, x, y).backward()
+        task_and_distillation_loss(model, x, y).backward()
         optimizer.step()
 
 
 def _single_process(preset: str) -> dict[str, torch.Tensor]:
     wrapper = _build(preset)
-    _train(wrapper, wrapper, *_batch())
+    _train(wrapper, wrapper, *tiny_batch())
     return _full(wrapper)
 
 
@@ -113,7 +104,7 @@ def _train_worker(rank: int, init_file: str, out_dir: str, preset: str, how: str
     try:
         wrapper = _build(preset)
         model = _around_the_wrapper(wrapper, how)
-        x, y = _batch()
+        x, y = tiny_batch()
         shard = slice(rank * 2, rank * 2 + 2)
         _train(wrapper, model, x[shard], y[shard])
         result = {"params": _full(wrapper)}
@@ -172,7 +163,7 @@ def test_export_student_of_a_sharded_wrapper_is_plain_and_full(tmp_path, how):
     # student too: its classes are FSDP's as well
     results = _spawn(_train_worker, tmp_path, "fitnet", how, True)
     single = _build("fitnet")
-    x, y = _batch()
+    x, y = tiny_batch()
     _train(single, single, x, y)
     expected = single.student.state_dict()
     for result in results:
@@ -194,9 +185,9 @@ def _fitnet(student: nn.Module, teacher: nn.Module):
 
 
 def _refused(wrapper, kind: str) -> None:
-    x, y = _batch()
+    x, y = tiny_batch()
     with pytest.raises(ValueError) as raised:
-        _loss(wrapper, x, y)
+        task_and_distillation_loss(wrapper, x, y)
     message = str(raised.value)
     for words in (kind, "all-reduce", "around the wrapper"):
         assert words in message, f"{words!r} not in the message: {message}"
@@ -220,7 +211,7 @@ def test_a_ddp_student_with_nothing_outside_it_trains(one_process):
     # needs the wrapper's check (that it lets this through)
     teacher, student = tiny_pair()
     wrapper = presets.kd(teacher, DistributedDataParallel(student), resize="teacher")
-    x, y = _batch()
+    x, y = tiny_batch()
     out = wrapper(x, y)
     (out.loss + nn.functional.cross_entropy(out.output, y)).backward()
     assert torch.isfinite(out.loss)
@@ -313,7 +304,7 @@ def _sharded_copy_worker(rank: int, init_file: str, out_dir: str) -> None:
         mesh = device_mesh.init_device_mesh("cpu", (WORLD,))
         for block in (model.body.stem, model.body.down, model.body, model):  # inner first
             fsdp.fully_shard(block, mesh=mesh)
-        x, y = _batch()
+        x, y = tiny_batch()
         shard = slice(rank * 2, rank * 2 + 2)
         _step(model, x[shard], y[shard])
         copied = plain_copy(model)
@@ -341,7 +332,7 @@ def _sharded_copy_worker(rank: int, init_file: str, out_dir: str) -> None:
 def test_plain_copy_of_an_fsdp2_module_is_full_and_plain(tmp_path):
     results = _spawn(_sharded_copy_worker, tmp_path)
     single = _with_bn()
-    x, y = _batch()
+    x, y = tiny_batch()
     _step(single, x, y)
     expected = single.state_dict()
     for rank, result in enumerate(results):
