@@ -297,3 +297,223 @@ def test_split_ids_outside_the_root_are_refused(tmp_path, bad):
                                          rf"\({re.escape(repr(bad))}\); expected ids relative "
                                          r"to .*JPEGImages"):
         voc(root, "val", train=False, crop=16)
+
+
+# ---- crops ---------------------------------------------------------------------------------
+
+def _reference_augment(image, label, crop, scale_range, g):
+    """data.augment as it was when crops were squares only (an int side), copied verbatim:
+    square crops must draw and cut exactly as this did."""
+    import torch.nn.functional as F
+
+    from examples.segmentation.data import IGNORE_INDEX, normalize
+
+    low, high = scale_range
+    scale = low + (high - low) * float(torch.rand((), generator=g))
+    h, w = image.shape[-2:]
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    x = F.interpolate(normalize(image)[None], size=size, mode="bilinear",
+                      align_corners=False)[0]
+    y = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    pad_h, pad_w = max(crop - size[0], 0), max(crop - size[1], 0)
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), value=0.0)  # 0 is the mean after normalising
+        y = F.pad(y, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
+    top = int(torch.randint(x.shape[-2] - crop + 1, (), generator=g))
+    left = int(torch.randint(x.shape[-1] - crop + 1, (), generator=g))
+    x, y = x[:, top:top + crop, left:left + crop], y[top:top + crop, left:left + crop]
+    if torch.rand((), generator=g) < 0.5:
+        x, y = x.flip(-1), y.flip(-1)
+    return x.contiguous(), y.contiguous()
+
+
+def _sample(h: int = H, w: int = W, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    image = torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8))
+    label = torch.from_numpy(rng.choice([0, 1, 7, 20, 255], size=(h, w)).astype(np.int64))
+    return image, label
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 7, 12345])
+@pytest.mark.parametrize("crop", [8, 16, 31, 60])  # inside the scaled image, and padded
+def test_square_crops_draw_and_cut_as_before(seed, crop):
+    from examples.segmentation.data import augment
+
+    image, label = _sample(seed=seed)
+    expected = _reference_augment(image, label, crop, (0.5, 2.0),
+                                  torch.Generator().manual_seed(seed))
+    for given in (crop, (crop, crop)):
+        g = torch.Generator().manual_seed(seed)
+        x, y = augment(image, label, given, (0.5, 2.0), g)
+        assert torch.equal(x, expected[0]) and torch.equal(y, expected[1]), given
+        after = torch.Generator().manual_seed(seed)
+        _reference_augment(image, label, crop, (0.5, 2.0), after)
+        assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=after))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("crop", [(8, 40), (30, 12), (12, 16), (1, 24), (33, 7)])
+def test_rectangular_crops_cut_height_by_width_with_labels_on_their_pixels(seed, crop):
+    """At scale 1 the crop is a window of the image padded at the bottom and right (0 in the
+    normalised image, 255 in the label), flipped or not: the one the draws pick."""
+    from examples.segmentation.data import augment, normalize
+
+    image, label = _sample(seed=seed)
+    h, w = crop
+    x, y = augment(image, label, crop, (1.0, 1.0), torch.Generator().manual_seed(seed))
+    assert x.shape == (3, h, w) and y.shape == (h, w)
+    assert x.dtype == torch.float32 and y.dtype == torch.long
+    padded_h, padded_w = max(h, H), max(w, W)
+    full_x = torch.zeros(3, padded_h, padded_w)
+    full_x[:, :H, :W] = normalize(image)
+    full_y = torch.full((padded_h, padded_w), 255, dtype=torch.long)
+    full_y[:H, :W] = label
+    g = torch.Generator().manual_seed(seed)
+    torch.rand((), generator=g)  # the scale
+    top = int(torch.randint(padded_h - h + 1, (), generator=g))
+    left = int(torch.randint(padded_w - w + 1, (), generator=g))
+    flip = bool(torch.rand((), generator=g) < 0.5)
+    window_x, window_y = full_x[:, top:top + h, left:left + w], full_y[top:top + h, left:left + w]
+    if flip:
+        window_x, window_y = window_x.flip(-1), window_y.flip(-1)
+    assert torch.equal(x, window_x) and torch.equal(y, window_y)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_rectangular_crops_pad_where_the_scaled_image_is_smaller(seed):
+    """Scaled to 10..40 x 12..48, the image takes a 32 x 56 crop's padding on the right
+    always and at the bottom below scale 1.6: full rows and columns of ignored labels and
+    of the image mean (0), the columns at one side (the flip takes them left)."""
+    from examples.segmentation.data import augment
+
+    image, _ = _sample(seed=seed)
+    label = torch.zeros(H, W, dtype=torch.long)  # no 255 of its own: every 255 is padding
+    for draw in range(4):
+        key = 100 * seed + draw
+        scale = 0.5 + 1.5 * float(torch.rand((), generator=torch.Generator().manual_seed(key)))
+        x, y = augment(image, label, (32, 56), (0.5, 2.0), torch.Generator().manual_seed(key))
+        assert x.shape == (3, 32, 56) and y.shape == (32, 56)
+        padded = y == 255
+        assert torch.equal(x.abs().sum(0) == 0, padded)  # the mean exactly where ignored
+        columns = padded.all(0).nonzero().flatten().tolist()
+        rows = padded.all(1).nonzero().flatten().tolist()
+        assert len(columns) == 56 - round(W * scale)
+        assert columns in (list(range(len(columns))), list(range(56 - len(columns), 56)))
+        assert rows == list(range(32 - len(rows), 32))
+        assert len(rows) == max(32 - round(H * scale), 0)
+        assert padded.sum() == 32 * len(columns) + len(rows) * (56 - len(columns))
+
+
+def test_datasets_crop_height_by_width(tmp_path):
+    root, _ = make_voc(tmp_path)
+    data = voc(root, "train_aug", train=True, crop=(8, 16))
+    assert data.crop == (8, 16)
+    for key in range(4):
+        image, label = data[key]
+        assert image.shape == (3, 8, 16) and label.shape == (8, 16)
+    assert voc(root, "train_aug", train=True, crop=12)[0][0].shape == (3, 12, 12)
+    for bad, error, match in [
+        ((8, 0), ValueError, r"crop's sides must be positive, got \(8, 0\)"),
+        ((8, 16, 4), ValueError, r"crop takes one int \(a square's side\) or two \(height, "
+                                 r"width\), got 3 values: \(8, 16, 4\)"),
+        ((), ValueError, r"got 0 values"),
+        ("16", TypeError, r"crop must be an int \(a square's side\) or a pair of ints "
+                          r"\(height, width\), got '16' \(str\)"),
+        ((8, 16.0), TypeError, r"crop's sides must be ints, got \(8, 16\.0\)"),
+        (True, TypeError, r"crop's sides must be ints, got True"),
+    ]:
+        with pytest.raises(error, match=match):
+            voc(root, "train_aug", train=True, crop=bad)
+
+
+# ---- the crop of the configuration, its flag and its resume record --------------------------
+
+def test_the_config_keeps_one_form_per_crop():
+    from examples.segmentation.config import PipelineConfig
+
+    pair = PipelineConfig(crop=[512, 1024])  # as JSON gives it back
+    assert type(pair.crop) is tuple and pair.crop == (512, 1024)
+    assert pair == PipelineConfig(crop=(512, 1024)) and hash(pair) == hash(
+        PipelineConfig(crop=(512, 1024)))
+    assert PipelineConfig(crop=(512, 512)).crop == 512 == PipelineConfig(crop=[512]).crop
+    side = PipelineConfig(crop=np.int64(48)).crop
+    assert type(side) is int and side == 48  # torch.load(weights_only=True) reads it back
+    assert CONFIGS["voc"].override(crop=(64, 32)).crop == (64, 32)
+    with pytest.raises(ValueError, match=r"crop's sides must be positive, got -1"):
+        PipelineConfig(crop=-1)
+    with pytest.raises(ValueError, match=r"got 3 values"):
+        CONFIGS["voc"].override(crop=(1, 2, 3))
+    from examples.segmentation import data
+
+    digits = CONFIGS["digits"].override(scenes=(2, 2))
+    assert data.load(digits.override(crop=(32, 32)), None, train=True)[0][0].shape[-2:] == (32, 32)
+    with pytest.raises(ValueError, match=r"the digit scenes are squares of --crop's side: give "
+                                         r"one int, got --crop 32 48"):
+        data.load(digits.override(crop=(32, 48)), None, train=True)
+
+
+def test_the_crop_flag_takes_one_side_or_two(capsys):
+    from examples.segmentation.cli import parser
+    from examples.segmentation.config import from_flags
+
+    def crop(*words: str):
+        argv = ["student", "--dataset", "cityscapes", *(["--crop", *words] if words else [])]
+        return from_flags(parser().parse_args(argv), "cityscapes").crop
+
+    assert crop("512", "1024") == (512, 1024) and crop("1024", "512") == (1024, 512)
+    assert type(crop("512")) is int and crop("512") == 512 == crop("512", "512")
+    assert crop() == 769  # the dataset's
+    with pytest.raises(ValueError, match=r"crop takes one int \(a square's side\) or two "
+                                         r"\(height, width\), got 3 values: \(1, 2, 3\)"):
+        crop("1", "2", "3")
+    with pytest.raises(ValueError, match=r"crop's sides must be positive, got \(512, 0\)"):
+        crop("512", "0")
+    with pytest.raises(SystemExit):
+        crop("wide")
+    assert "argument --crop: invalid int value: 'wide'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser().parse_args(["student", "--dataset", "voc", "--crop"])
+    assert "argument --crop: expected at least one argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--crop H [W ...] the training crop: one int, a square's side, or two" in shown
+
+
+def test_crops_record_as_given_and_resume_only_with_the_same(tmp_path):
+    from test_examples import make_cityscapes
+
+    from examples.segmentation.training import check_resume
+    from segdistill import load_checkpoint, save_checkpoint
+
+    config = CONFIGS["cityscapes"].override(crop=(512, 1024))
+    run = run_module.Run(config, tmp_path, tmp_path / "runs", torch.device("cpu"))
+    record = run_module.resume_record(run, "student")
+    assert record["--crop"] == (512, 1024)
+    save_checkpoint({"config": record}, tmp_path / "record.pt")
+    saved = load_checkpoint(tmp_path / "record.pt")["config"]
+    check_resume("c.pt", saved, record, 10, 10)  # the same crop: no complaint
+    square = run_module.resume_record(run.with_config(crop=512), "student")
+    with pytest.raises(ValueError, match=r"  --crop: \(512, 1024\) in the checkpoint, 512 now"):
+        check_resume("c.pt", saved, square, 10, 10)
+    # JSON gives a list back: the config makes it the tuple again
+    assert run_module.resume_record(run.with_config(crop=json.loads(json.dumps(
+        config.crop))), "student") == record
+
+    # the command line end to end: one step, then resumes with the flags it records or others
+    root = make_cityscapes(tmp_path / "data")
+
+    def student(out: str, *crop: str, resume: bool = False) -> int:
+        return main(["student", "--dataset", "cityscapes", "--root", str(root), "--out",
+                     str(tmp_path / out), "--no-pretrained", "--crop", *crop, "--batch-size",
+                     "2", "--student-steps", "1", "--workers", "0", "--no-progress",
+                     "--device", "cpu", *(["--resume"] if resume else [])])
+
+    assert student("pair", "16", "32") == 0
+    assert student("pair", "16", "32", resume=True) == 0
+    for other, shown in [(("16",), "16"), (("32", "16"), r"\(32, 16\)")]:
+        with pytest.raises(ValueError, match=rf"  --crop: \(16, 32\) in the checkpoint, "
+                                             rf"{shown} now"):
+            student("pair", *other, resume=True)
+    assert student("side", "16") == 0  # a square side, given as one int or as a pair
+    assert student("side", "16", resume=True) == student("side", "16", "16", resume=True) == 0

@@ -14,14 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 pytest.importorskip("torchvision")
 pytest.importorskip("torchdata")
 
-from examples.segmentation.cli import main, parser  # noqa: E402
-from examples.segmentation.methods import (  # noqa: E402
+from examples.segmentation.cli import main, parser
+from examples.segmentation.methods import (
     COMBINATIONS,
     check_method,
     needs_translator,
     parts,
 )
-from segdistill import load_checkpoint  # noqa: E402
+from segdistill import load_checkpoint
 
 DIGITS = ["--dataset", "digits", "--teacher-steps", "2", "--student-steps", "2",
           "--distill-steps", "2", "--scenes", "8", "4", "--batch-size", "4",

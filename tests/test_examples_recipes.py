@@ -103,12 +103,12 @@ def test_the_cnn_recipes_are_cirkds_sgd_training(name):
     assert (config.teacher_steps, config.student_steps, config.distill_steps) == \
         (40_000, 40_000, 40_000)
     assert config.scale_range == (0.5, 2.0) and config.teacher == "deeplabv3_resnet101"
-    if config.dataset == "cityscapes":  # a square crop of 512 x 1024's area
-        assert abs(config.crop ** 2 / (512 * 1024) - 1) < 0.001
-        assert config.train_split == "train"
+    if config.dataset == "cityscapes":  # CIRKD's 512 x 1024 (height x width)
+        assert (config.crop, config.train_split) == ((512, 1024), "train")
     else:
         assert (config.crop, config.train_split) == (512, "train_aug")
     assert RECIPES[name].blocked is None and RECIPES[name].deviations
+    assert not any("crop" in d for d in RECIPES[name].deviations)  # the published crop
 
 
 def test_the_segformer_recipe_is_cirkds_and_says_why_it_cannot_run_yet():
@@ -131,6 +131,9 @@ def test_the_recipe_flag_sets_the_defaults_that_other_flags_override():
     assert config == configs.recipe_config("cirkd-cityscapes-r101-mbv2").override(
         distill_steps=10, amp="bf16")
     assert config.student == "deeplabv3_mobilenet_v2" and config.lr == 0.02
+    assert config.crop == (512, 1024)  # the recipe's, and a flag overrides it
+    square = configs.from_flags(parser().parse_args([*argv, "--crop", "769"]), "cityscapes")
+    assert square.crop == 769 and square == config.override(crop=769)
     plain = configs.from_flags(parser().parse_args(["distill", "--dataset", "cityscapes"]),
                                "cityscapes")
     assert plain == configs.CONFIGS["cityscapes"]  # no recipe: the dataset's defaults
@@ -184,8 +187,9 @@ def test_recipes_and_config_doctests():
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
     output: list[str] = []
     tests = [*finder.find(recipes, "recipes", globs=vars(recipes)),
-             *finder.find(configs.recipe_config, "recipe_config", globs=vars(configs))]
-    assert sum(len(t.examples) for t in tests) >= 2
+             *finder.find(configs.recipe_config, "recipe_config", globs=vars(configs)),
+             *finder.find(configs.crop_size, "crop_size", globs=vars(configs))]
+    assert sum(len(t.examples) for t in tests) >= 3
     for test in tests:
         runner.run(test, out=output.append)
     assert runner.summarize(verbose=False).failed == 0, "".join(output)

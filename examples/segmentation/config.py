@@ -15,7 +15,9 @@ import inspect
 import itertools
 import textwrap
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from numbers import Integral
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from examples.segmentation.recipes import RECIPES
@@ -46,8 +48,10 @@ class PipelineConfig:
     """the dataset"""
     num_classes: int = 21
     """classes of the labels (the ignore label 255 aside)"""
-    crop: int = 513
-    """training crop side; FLOPs and images/s are measured at it"""
+    crop: int | tuple[int, int] = 513
+    """the training crop: one int, a square's side, or two, its height and width (--crop 512
+    1024); a pair of equal sides is kept as one int, so both forms record and resume alike;
+    the digit scenes take one int, their side"""
     train_split: str = "train_aug"
     """the training split"""
     val_split: str = "val"
@@ -136,6 +140,12 @@ class PipelineConfig:
     scenes: tuple[int, int] = (2000, 500)
     """digits only: the numbers of training and val scenes"""
 
+    def __post_init__(self) -> None:
+        # one form per crop (an int for a square, else a tuple of built-in ints), so that
+        # configs compare equal and checkpoints record it as torch.load(weights_only) reads it
+        height, width = crop_size(self.crop)
+        object.__setattr__(self, "crop", height if height == width else (height, width))
+
     def override(self, **values: Any) -> PipelineConfig:
         """A copy with the given fields replaced (``None`` values are ignored)."""
         names = {f.name for f in fields(self)}
@@ -143,6 +153,36 @@ class PipelineConfig:
         if unknown:
             raise ValueError(f"unknown config fields {unknown}; known: {sorted(names)}")
         return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+
+def crop_size(crop: int | Sequence[int]) -> tuple[int, int]:
+    """The (height, width) of a training crop given as one side (a square) or as a pair.
+
+    Example:
+        >>> crop_size(513), crop_size((512, 1024)), crop_size([769])
+        ((513, 513), (512, 1024), (769, 769))
+
+    Raises:
+        TypeError: ``crop`` is not an int or a sequence of ints (bools are no sides).
+        ValueError: it has no value or more than two, or a side below 1.
+    """
+    given: Sequence[object]
+    if isinstance(crop, Integral):
+        given = [crop]
+    elif isinstance(crop, Sequence) and not isinstance(crop, (str, bytes)):
+        given = crop
+    else:
+        raise TypeError(f"crop must be an int (a square's side) or a pair of ints (height, "
+                        f"width), got {crop!r} ({type(crop).__name__})")
+    if not 1 <= len(given) <= 2:
+        raise ValueError(f"crop takes one int (a square's side) or two (height, width), got "
+                         f"{len(given)} values: {crop!r}")
+    sides = [int(s) for s in given if not isinstance(s, bool) and isinstance(s, Integral)]
+    if len(sides) != len(given):
+        raise TypeError(f"crop's sides must be ints, got {crop!r}")
+    if min(sides) < 1:
+        raise ValueError(f"crop's sides must be positive, got {crop!r}")
+    return sides[0], sides[-1]
 
 
 RESUME_SAFE = ("threads", "checkpoint_every", "log_every", "eval_batch_size", "val_every",
@@ -206,6 +246,16 @@ def _optional(kind: Any) -> Any:
     return None
 
 
+def _one_or_pair(kind: Any) -> Any:
+    """For ``X | tuple[X, X]``: X, else None."""
+    if get_origin(kind) not in (Union, types.UnionType) or len(get_args(kind)) != 2:
+        return None
+    one, pair = get_args(kind)
+    if get_origin(one) is tuple:
+        one, pair = pair, one
+    return one if get_args(pair) == (one, one) else None
+
+
 def field_help(cls: type) -> dict[str, str]:
     """The string literal under each field of the dataclass ``cls``, by field name (the
     attribute docstrings that Sphinx shows too)."""
@@ -249,6 +299,8 @@ def add_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("dataset
             options["choices"] = get_args(kind)
         elif get_origin(kind) is tuple:
             options.update(nargs=len(get_args(kind)), type=get_args(kind)[0])
+        elif _one_or_pair(kind) is not None:  # one value or two: the config checks how many
+            options.update(nargs="+", type=_one_or_pair(kind), metavar=("H", "W"))
         elif inner is not None:
             options["type"] = _none_or(inner)
             options["metavar"] = f"{inner.__name__.upper()}|none"

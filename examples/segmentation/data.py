@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from examples.segmentation import digits
-from examples.segmentation.config import PipelineConfig
+from examples.segmentation.config import PipelineConfig, crop_size
 from examples.segmentation.training import decode_sample_key
 
 IGNORE_INDEX = 255
@@ -211,7 +211,7 @@ class SegmentationFiles(Dataset[tuple[Tensor, Tensor]]):
     Args:
         pairs: (image path, label path) per sample.
         train: augment (scale, pad, crop, flip) and index by sample key.
-        crop: the training crop's side.
+        crop: the training crop, (height, width), or one int for a square.
         scale_range: the random scale's range.
         seed: mixed into every sample's augmentation seed.
         label_map: maps a raw label array to train ids (see :class:`LabelRule`).
@@ -221,14 +221,14 @@ class SegmentationFiles(Dataset[tuple[Tensor, Tensor]]):
 
     uses_sample_keys = True
 
-    def __init__(self, pairs: list[tuple[Path, Path]], train: bool, crop: int,
-                 scale_range: tuple[float, float] = (0.5, 2.0), seed: int = 0,
-                 label_map: LabelMap | None = None, *, num_classes: int) -> None:
+    def __init__(self, pairs: list[tuple[Path, Path]], train: bool,
+                 crop: int | tuple[int, int], scale_range: tuple[float, float] = (0.5, 2.0),
+                 seed: int = 0, label_map: LabelMap | None = None, *, num_classes: int) -> None:
         if not pairs:
             raise ValueError("the dataset is empty: no image/label pairs were found")
         self.pairs = pairs
         self.train = train
-        self.crop = crop
+        self.crop = crop_size(crop)
         self.scale_range = scale_range
         self.seed = seed
         self.label_map = label_map
@@ -272,9 +272,26 @@ def normalize(image: Tensor) -> Tensor:
     return (image.float() / 255.0 - MEAN) / STD
 
 
-def augment(image: Tensor, label: Tensor, crop: int, scale_range: tuple[float, float],
-            g: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Random scale, pad (image mean, label ignored), random crop, horizontal flip."""
+def augment(image: Tensor, label: Tensor, crop: int | tuple[int, int],
+            scale_range: tuple[float, float], g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Random scale, pad (image mean, label ignored), random crop, horizontal flip.
+
+    The draws from ``g``, in order: the scale, the crop's top, its left, the flip; a square
+    crop given as one int or as an equal pair draws and cuts alike.
+
+    Args:
+        image: uint8 (3, H, W).
+        label: long (H, W), the train ids of ``image``'s pixels.
+        crop: the crop, (height, width), or one int for a square.
+        scale_range: the random scale's range.
+        g: the randomness.
+
+    Returns:
+        The normalised image (3, crop height, crop width) and its label (crop height, crop
+        width); where the scaled image is smaller than the crop, padding (0, the mean, in the
+        image; 255, ignored, in the label) fills the bottom and right before the flip.
+    """
+    crop_h, crop_w = crop_size(crop)
     low, high = scale_range
     scale = low + (high - low) * float(torch.rand((), generator=g))
     h, w = image.shape[-2:]
@@ -282,13 +299,13 @@ def augment(image: Tensor, label: Tensor, crop: int, scale_range: tuple[float, f
     x = F.interpolate(normalize(image)[None], size=size, mode="bilinear",
                       align_corners=False)[0]
     y = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
-    pad_h, pad_w = max(crop - size[0], 0), max(crop - size[1], 0)
+    pad_h, pad_w = max(crop_h - size[0], 0), max(crop_w - size[1], 0)
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h), value=0.0)  # 0 is the mean after normalising
         y = F.pad(y, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
-    top = int(torch.randint(x.shape[-2] - crop + 1, (), generator=g))
-    left = int(torch.randint(x.shape[-1] - crop + 1, (), generator=g))
-    x, y = x[:, top:top + crop, left:left + crop], y[top:top + crop, left:left + crop]
+    top = int(torch.randint(x.shape[-2] - crop_h + 1, (), generator=g))
+    left = int(torch.randint(x.shape[-1] - crop_w + 1, (), generator=g))
+    x, y = x[:, top:top + crop_h, left:left + crop_w], y[top:top + crop_h, left:left + crop_w]
     if torch.rand((), generator=g) < 0.5:
         x, y = x.flip(-1), y.flip(-1)
     return x.contiguous(), y.contiguous()
@@ -323,7 +340,7 @@ def _listed_pairs(listing: Path, images: Path, labels: Path, split: str
     return pairs
 
 
-def voc(root: str | Path, split: str, train: bool, crop: int,
+def voc(root: str | Path, split: str, train: bool, crop: int | tuple[int, int],
         scale_range: tuple[float, float] = (0.5, 2.0), seed: int = 0,
         num_classes: int = len(VOC_CLASSES)) -> SegmentationFiles:
     """Pascal VOC 2012: ``split`` 'train_aug' (VOC + SBD labels) or 'val'."""
@@ -339,7 +356,7 @@ def voc(root: str | Path, split: str, train: bool, crop: int,
                              scale_range, seed, num_classes=num_classes)
 
 
-def cityscapes(root: str | Path, split: str, train: bool, crop: int,
+def cityscapes(root: str | Path, split: str, train: bool, crop: int | tuple[int, int],
                scale_range: tuple[float, float] = (0.5, 2.0), seed: int = 0,
                num_classes: int = len(CITYSCAPES_CLASSES)) -> SegmentationFiles:
     """Cityscapes fine annotations, labelIds mapped to the 19 train ids."""
@@ -360,7 +377,7 @@ def cityscapes(root: str | Path, split: str, train: bool, crop: int,
                              num_classes=num_classes)
 
 
-def pascal_context(root: str | Path, split: str, train: bool, crop: int,
+def pascal_context(root: str | Path, split: str, train: bool, crop: int | tuple[int, int],
                    scale_range: tuple[float, float] = (0.5, 2.0), seed: int = 0,
                    num_classes: int = len(PASCAL_CONTEXT_CLASSES)) -> SegmentationFiles:
     """Pascal Context, the 59 most frequent classes: ``split`` 'train' (4,998) or 'val' (5,105).
@@ -392,9 +409,17 @@ CLASS_NAMES = {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES,
 
 
 def load(config: PipelineConfig, root: str | Path | None, train: bool) -> Dataset[Any]:
-    """The training (augmented) or evaluation split of ``config.dataset``."""
+    """The training (augmented) or evaluation split of ``config.dataset``.
+
+    Raises:
+        ValueError: a dataset read from a root without ``root``, or the digit scenes (square
+            canvases of ``crop``'s side, not cropped) with a crop of two sides.
+    """
     split = config.train_split if train else config.val_split
     if config.dataset == "digits":
+        if not isinstance(config.crop, int):
+            raise ValueError(f"the digit scenes are squares of --crop's side: give one int, "
+                             f"got --crop {' '.join(map(str, config.crop))}")
         return digits.DigitDataset(split, config.scenes[0 if train else 1], size=config.crop)
     if root is None:
         raise ValueError(f"the {config.dataset} dataset needs --root, the folder that holds it")
