@@ -112,11 +112,13 @@ class PipelineConfig:
     translator_timeout: float = 360.0
     """minutes the other processes wait for rank 0 to train the translator under torchrun"""
     adaptation_weight: float = 50.0
-    """beta, the adaptation term's weight (--method paper)"""
+    """beta, the adaptation term's weight (--method knowledge_adaptation)"""
     affinity_weight: float = 1.0
-    """gamma, the affinity term's weight (--method paper)"""
+    """gamma, the affinity term's weight (--method knowledge_adaptation)"""
     kd_temperature: float = 4.0
     """KD's temperature (--method kd)"""
+    cirkd_memory_weight: float = 0.1
+    """the weight of CIRKD's two memory terms (--method cirkd; CIRKD's VOC script: 0.01)"""
     pretrained: bool = True
     """ImageNet-pretrained backbones (torchvision's weights)"""
     amp: Amp = "none"
@@ -205,6 +207,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "adaptation_weight": ("distill",),
     "affinity_weight": ("distill",),
     "kd_temperature": ("distill",),
+    "cirkd_memory_weight": ("distill",),
     "translator_epochs": ("translator",),
     "translator_steps": ("translator",),
     "translator_lr": ("translator",),

@@ -66,7 +66,9 @@ OPTIONS: dict[str, MethodOptions] = {
     "cwd": lambda run: {},
     # the mini-batch and memory terms on the teacher's grid; labels and pixel KD as CIRKD
     "cirkd": lambda run: {**_layers(run), "num_classes": run.config.num_classes,
-                          "ignore_index": IGNORE_INDEX, "resize": "teacher"},
+                          "ignore_index": IGNORE_INDEX, "resize": "teacher",
+                          "memory_pixel_weight": run.config.cirkd_memory_weight,
+                          "memory_region_weight": run.config.cirkd_memory_weight},
     "dist": lambda run: {},
     # the teacher's map onto the student's grid: the prototypes are per image
     "ifvd": lambda run: {**_layers(run), "num_classes": run.config.num_classes,

@@ -103,16 +103,12 @@ _CNN_DEVIATIONS = (
     "weights; the pipeline's take torchvision's 7x7 stem and ImageNet weights",
     "CIRKD subtracts the Caffe BGR mean without dividing by a std; the pipeline normalises "
     "with torchvision's ImageNet mean and std",
-    "CIRKD's KD baselines (SKD, IFVD, CWD, DSD) add pixel KD (weight 1) and SKD's "
-    "adversarial term to the method's own; the pipeline's presets run the method's terms",
-)
-_VOC_MEMORY = (
-    "CIRKD's VOC script weights the memory terms 0.01; the pipeline's cirkd preset runs "
-    "its default 0.1 until the pipeline passes a weight",
+    "the discriminator's Adam runs at a constant 4e-4 (CIRKD's scripts decay it with the "
+    "poly schedule)",
 )
 
-_SKD = "SKD is pixel KD, the pair-wise term and the holistic (adversarial) term; the " \
-       "pipeline has --method pairwise (the pair-wise term alone) and no holistic term yet"
+_SKD = "SKD as CIRKD runs it: the pair-wise term, pixel KD and the adversarial term"
+_WITH_KD_ADV = "with pixel KD and the adversarial term, as CIRKD's baseline scripts"
 _CWD = "CIRKD's CWD script weights logits 3 and features 50 (tau 4); --method cwd is the " \
        "logit term alone"
 
@@ -134,22 +130,23 @@ def _voc(name: str, student: str, student_net: str, baseline: float, cirkd: floa
     return Recipe(
         name=name, dataset="voc", teacher_net="DeepLabV3-ResNet101", student_net=student_net,
         teacher_miou=77.67, student_miou=baseline,
-        distilled=(Result("CIRKD", cirkd, "cirkd"),),
-        overrides={**_VOC_CNN, "teacher": "deeplabv3_resnet101", "student": student},
+        distilled=(Result("CIRKD", cirkd, "cirkd+holistic"),),
+        overrides={**_VOC_CNN, "teacher": "deeplabv3_resnet101", "student": student,
+                   "cirkd_memory_weight": 0.01},
         published="8 GPUs, batch 16, 512 x 512 crops, 40k iterations, SGD lr 0.02 (poly "
                   "0.9), momentum 0.9, weight decay 1e-4; VOC trainaug (10,582), evaluated "
                   "on val (1,449), single scale; memory terms weighted 0.01",
-        deviations=_VOC_MEMORY + _CNN_DEVIATIONS)
+        deviations=_CNN_DEVIATIONS)
 
 
 _RECIPES = (
     _cityscapes_deeplab("cirkd-cityscapes-r101-r18", "deeplabv3_resnet18", "DeepLabV3-ResNet18",
                         74.21, (
-        Result("SKD", 75.42, None, note=_SKD),
-        Result("IFVD", 75.59, "ifvd"),
+        Result("SKD", 75.42, "pairwise+kd+holistic", note=_SKD),
+        Result("IFVD", 75.59, "ifvd+kd+holistic", note=_WITH_KD_ADV),
         Result("CWD", 75.55, "cwd", note=_CWD),
         Result("DSD", 74.81, None, note="the pipeline has no DSD"),
-        Result("CIRKD", 76.38, "cirkd"),
+        Result("CIRKD", 76.38, "cirkd+holistic"),
         Result("DIST", 77.10, "dist", source="DIST_KD (Huang et al., NeurIPS 2022)"),
         Result("MasKD", 77.00, None, source="MasKD (Huang et al., ICLR 2023)",
                note="the pipeline has no MasKD"),
@@ -158,22 +155,22 @@ _RECIPES = (
     )),
     _cityscapes_deeplab("cirkd-cityscapes-r101-mbv2", "deeplabv3_mobilenet_v2",
                         "DeepLabV3-MobileNetV2", 73.12, (
-        Result("SKD", 73.82, None, note=_SKD),
-        Result("IFVD", 73.50, "ifvd"),
+        Result("SKD", 73.82, "pairwise+kd+holistic", note=_SKD),
+        Result("IFVD", 73.50, "ifvd+kd+holistic", note=_WITH_KD_ADV),
         Result("CWD", 74.66, "cwd", note=_CWD),
         Result("DSD", 74.11, None, note="the pipeline has no DSD"),
-        Result("CIRKD", 75.42, "cirkd"),
+        Result("CIRKD", 75.42, "cirkd+holistic"),
     )),
     _cityscapes_deeplab("cirkd-cityscapes-r101-psp18", "pspnet_resnet18", "PSPNet-ResNet18",
-                        72.55, (Result("CIRKD", 74.73, "cirkd"),)),
+                        72.55, (Result("CIRKD", 74.73, "cirkd+holistic"),)),
     Recipe(
         name="cirkd-cityscapes-b4-b0", dataset="cityscapes", teacher_net="SegFormer MiT-B4",
         student_net="SegFormer MiT-B0", teacher_miou=81.23, student_miou=75.58, distilled=(
-            Result("SKD", 76.43, None, note=_SKD),
-            Result("IFVD", 76.30, "ifvd"),
+            Result("SKD", 76.43, "pairwise+kd+holistic", note=_SKD),
+            Result("IFVD", 76.30, "ifvd+kd+holistic", note=_WITH_KD_ADV),
             Result("CWD", 74.80, "cwd", note=_CWD),
             Result("DSD", 76.62, None, note="the pipeline has no DSD"),
-            Result("CIRKD", 76.92, "cirkd"),
+            Result("CIRKD", 76.92, "cirkd+holistic"),
         ),
         overrides={"teacher": "segformer_mit_b4", "student": "segformer_mit_b0",
                    "batch_size": 8, "crop": 1024, "lr": 2e-4, "weight_decay": 1e-4,
