@@ -117,17 +117,24 @@ def test_the_cnn_recipes_are_cirkds_sgd_training(name):
     assert not any("crop" in d for d in RECIPES[name].deviations)  # the published crop
 
 
-def test_the_segformer_recipe_is_cirkds_and_says_why_it_cannot_run_yet():
+def test_the_segformer_recipe_is_cirkds_with_adamw():
+    from examples.segmentation.training import TrainConfig, make_optimizer
+
     recipe = RECIPES["cirkd-cityscapes-b4-b0"]
     config = configs.recipe_config(recipe.name)
     assert (config.teacher, config.student) == ("segformer_mit_b4", "segformer_mit_b0")
     assert (config.batch_size, config.crop, config.lr, config.distill_steps) == \
         (8, 1024, 2e-4, 160_000)
-    assert recipe.blocked is not None and "AdamW" in recipe.blocked
+    assert config.optimizer == "adamw" and recipe.blocked is None
     args = parser().parse_args(["teacher", "--dataset", "cityscapes", "--recipe", recipe.name])
-    with pytest.raises(ValueError, match=r"--recipe cirkd-cityscapes-b4-b0 cannot run yet: "
-                                         r"CIRKD trains SegFormer with AdamW"):
-        configs.from_flags(args, "cityscapes")
+    assert configs.from_flags(args, "cityscapes").optimizer == "adamw"
+    net = torch.nn.Linear(3, 2)
+    optimizer, _, _ = make_optimizer(net, TrainConfig(steps=2, lr=2e-4, weight_decay=1e-4,
+                                                      optimizer="adamw"), torch.device("cpu"))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.param_groups[0]["lr"] == 2e-4
+    with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adamw'"):
+        TrainConfig(steps=2, optimizer="adam")
 
 
 def test_the_recipe_flag_sets_the_defaults_that_other_flags_override():

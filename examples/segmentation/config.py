@@ -23,6 +23,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from examples.segmentation.recipes import RECIPES
 
 Dataset = Literal["voc", "cityscapes", "pascal_context", "digits"]
+Optimizer = Literal["sgd", "adamw"]
 
 Amp = Literal["none", "bf16", "fp16"]
 """Automatic mixed precision: off, bfloat16, or float16 with a gradient scaler."""
@@ -72,6 +73,9 @@ class PipelineConfig:
     """base learning rate of the poly schedule"""
     momentum: float = 0.9
     """SGD momentum"""
+    optimizer: Optimizer = "sgd"
+    """the student's (and teacher's) optimiser: 'sgd' (with momentum) or 'adamw' (betas
+    0.9, 0.999; as CIRKD trains SegFormer); both under the poly schedule"""
     weight_decay: float = 4e-5
     """SGD weight decay of the student and distillation stages (MobileNetV2's recipe, which
     the paper follows)"""

@@ -174,6 +174,7 @@ _RECIPES = (
         ),
         overrides={"teacher": "segformer_mit_b4", "student": "segformer_mit_b0",
                    "batch_size": 8, "crop": 1024, "lr": 2e-4, "weight_decay": 1e-4,
+                   "optimizer": "adamw",
                    "teacher_weight_decay": 1e-4, "decay_norm_bias": True, "poly_power": 0.9,
                    "scale_range": (0.5, 2.0), "teacher_steps": 160_000,
                    "student_steps": 160_000, "distill_steps": 160_000,
@@ -181,10 +182,7 @@ _RECIPES = (
         published="8 GPUs, batch 8, 1024 x 1024 crops, 160k iterations, AdamW lr 2e-4 (poly "
                   "0.9), weight decay 1e-4, MiT encoders from ImageNet; val evaluated as two "
                   "1024 x 1024 halves of each frame",
-        deviations=("the pipeline evaluates whole 1024 x 2048 frames",),
-        blocked="CIRKD trains SegFormer with AdamW (lr 2e-4); the pipeline's trainer is SGD "
-                "only. The networks are there: --teacher segformer_mit_b4 --student "
-                "segformer_mit_b0 run with the SGD recipe of your flags"),
+        deviations=("the pipeline evaluates whole 1024 x 2048 frames",)),
     _voc("cirkd-voc-r101-r18", "deeplabv3_resnet18", "DeepLabV3-ResNet18", 73.21, 74.50),
     _voc("cirkd-voc-r101-psp18", "pspnet_resnet18", "PSPNet-ResNet18", 73.33, 74.78),
 )
@@ -229,7 +227,7 @@ def commands_table(gpus: int = 8) -> str:
                   r.pipeline_method, r.note) for r in recipe.distilled]
         for index, (row, miou, source, stage, method, note) in enumerate(rows):
             if recipe.blocked is not None:
-                cell = "not yet: the pipeline has no AdamW"
+                cell = f"not yet: {recipe.blocked}"
             elif stage is None:
                 cell = f"none: {note}"
             else:

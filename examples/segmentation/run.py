@@ -157,7 +157,7 @@ def train_config(run: Run, stage: str, steps: int, kind: str | None = None) -> T
                          f"{run.world_size} processes x {c.accumulate} accumulated batches")
     return TrainConfig(
         steps=steps, batch_size=c.batch_size // (run.world_size * c.accumulate), lr=c.lr,
-        momentum=c.momentum,
+        momentum=c.momentum, optimizer=c.optimizer,
         weight_decay=c.teacher_weight_decay if stage == "teacher" else c.weight_decay,
         no_decay_norm_bias=not c.decay_norm_bias, accumulate=c.accumulate,
         poly_power=c.poly_power, ignore_index=IGNORE_INDEX, amp=c.amp, seed=c.seed,

@@ -122,6 +122,8 @@ class TrainConfig:
     lr: float = 0.007
     momentum: float = 0.9
     weight_decay: float = 4e-5
+    optimizer: str = "sgd"
+    """``'sgd'`` (with ``momentum``) or ``'adamw'`` (betas 0.9, 0.999; ``momentum`` unused)."""
     no_decay_norm_bias: bool = False
     poly_power: float = 0.9
     accumulate: int = 1
@@ -147,6 +149,8 @@ class TrainConfig:
         for name in ("lr", "momentum", "weight_decay", "poly_power"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be at least 0.0, got {getattr(self, name)}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.amp not in get_args(Amp):
             raise ValueError(f"amp must be one of {', '.join(map(repr, get_args(Amp)))}, "
                              f"got {self.amp!r}")
@@ -281,7 +285,7 @@ class _Run:
     device: torch.device
     rank: int
     distributed: bool
-    optimizer: torch.optim.SGD
+    optimizer: torch.optim.Optimizer
     schedule: PolynomialLR
     scaler: torch.amp.GradScaler
     loader: StatefulDataLoader
@@ -456,16 +460,21 @@ def make_loader(dataset: Dataset[Any], config: TrainConfig, device: torch.device
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device,
-                   ) -> tuple[torch.optim.SGD, PolynomialLR, torch.amp.GradScaler]:
-    """SGD over the trainable parameters (a wrapper's: the student's and the adapters'),
-    its poly schedule, and the gradient scaler (active under ``amp='fp16'`` only)."""
+                   ) -> tuple[torch.optim.Optimizer, PolynomialLR, torch.amp.GradScaler]:
+    """SGD (or AdamW) over the trainable parameters (a wrapper's: the student's and the
+    adapters'), its poly schedule, and the gradient scaler (active under ``amp='fp16'``
+    only)."""
     params = (model.trainable_parameters() if isinstance(model, DistillationWrapper)
               else (p for p in model.parameters() if p.requires_grad))
     trainable = {id(p) for p in params}
     groups = [{**g, "params": [p for p in g["params"] if id(p) in trainable]}
               for g in param_groups(model, config.weight_decay, config.no_decay_norm_bias)]
-    optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=config.lr,
-                                momentum=config.momentum, weight_decay=config.weight_decay)
+    groups = [g for g in groups if g["params"]]
+    optimizer: torch.optim.Optimizer = (
+        torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        if config.optimizer == "adamw" else
+        torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                        weight_decay=config.weight_decay))
     schedule = PolynomialLR(optimizer, total_iters=config.steps, power=config.poly_power)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     return optimizer, schedule, scaler
