@@ -1,5 +1,5 @@
-"""The GPU check: one script that a machine with one GPU runs in about six minutes, writing
-Markdown tables into --out.
+"""The GPU check: one script that a machine with one GPU runs in about seven minutes,
+writing Markdown tables into --out (default budget 420 s, every part's usual time).
 
 The parts, in this order (the most valuable first, in case time runs out):
 
@@ -22,11 +22,16 @@ The parts, in this order (the most valuable first, in case time runs out):
    their dense readings and matmul bounds) in float32 at Cityscapes' training sizes
    (CIRKD's crop, 512 x 1024, and the pipeline's, 769 x 769, at output stride 8: B = 2,
    C = 512, 64 x 128 and B = 4, C = 256, 97 x 97), its table in the same file;
-4. ``torchrun-cityscapes.md``: as 1., on a synthetic Cityscapes tree (frames of
+4. ``steps-cityscapes.md``: one training step of every pipeline method (and CIRKD's
+   combinations) beside the plain student's, time, ratio and peak memory, at CIRKD's
+   Cityscapes setup per GPU (batch 2 of 512 x 1024, DeepLabV3-ResNet101 teacher,
+   DeepLabV3-ResNet18 student, float32; ``benchmarks/method_steps.py``, about a
+   minute; the table keeps the rows done if the part is stopped);
+5. ``torchrun-cityscapes.md``: as 1., on a synthetic Cityscapes tree (frames of
    1024 x 2048, crop 769, batch 8, evaluated at full resolution);
-5. ``summary.md``: the machine, each part's status and time, and the commands.
+6. ``summary.md``: the machine, each part's status and time, and the commands.
 
-The whole check keeps to ``--budget-s`` seconds (default 360): each command gets at
+The whole check keeps to ``--budget-s`` seconds (default 420): each command gets at
 most what is left of it (and of its part's own cap, so that one hung part cannot
 take everything), a command that runs over is stopped with its process group, a
 part that can no longer start is marked skipped, and every table, ``summary.md``
@@ -43,14 +48,17 @@ Two smaller modes run on the CPU with gloo:
 
 - ``--quick`` (the default when CUDA is missing): the digit scenes' networks and data
   for the pipeline and torchrun parts (no ONNX), the losses' 32 x 32 case under
-  bf16 autocast only, and every method's ``--quick`` case; the CI test of this script;
+  bf16 autocast only, every method's ``--quick`` case, and every pipeline method's
+  step on the digit scenes (batch 8); the CI test of this script;
 - ``--tiny``: the full mode's every code path at tiny sizes: its parts in its order,
   the same tree builders (48 x 48 images, 32 x 64 frames, crop 32), the same flags
   but for sizes, steps and workers, the paper's networks for the pipeline benchmark
-  (33 x 33 and 33 x 65 batches), ONNX, the losses at 32 x 32 in each precision
-  and every method at 64 x 64 (in-process). Four to six minutes on a 2-core CPU.
+  (33 x 33 and 33 x 65 batches), ONNX, the losses at 32 x 32 in each precision,
+  every method at 64 x 64 (in-process), and the steps of two pipeline methods
+  (``kd``, ``cirkd``) on the CIRKD pair at 64 x 64. Five to seven minutes on a 2-core
+  CPU.
 
-    python benchmarks/gpu_check.py --out gpu-check                      # one GPU, ~6 min
+    python benchmarks/gpu_check.py --out gpu-check                      # one GPU, ~7 min
     python benchmarks/gpu_check.py --out /tmp/gc --bundle "$OUT"        # and 2 files to copy
     python benchmarks/gpu_check.py --quick --out /tmp/gc                # the CPU smoke test
     python benchmarks/gpu_check.py --tiny --budget-s 1200 --out /tmp/gc # full mode, tiny
@@ -167,6 +175,8 @@ class Plan:
     """The most seconds each part may take, by key (the global budget aside)."""
     methods_flags: tuple[str, ...] = ()
     """benchmarks/methods.py's flags: sizes, repeats, --in-process, memory budget."""
+    method_steps: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """benchmarks/method_steps.py's flags, by setting (its ``--size``)."""
 
     @property
     def title(self) -> str:
@@ -190,7 +200,9 @@ def make_plan(mode: Literal["full", "tiny", "quick"],
             (Tree("digits", None, (48, 48), 16, 8,
                   ("--scenes", "16", "8", "--batch-size", "4", "--eval-batch-size", "4")),),
             ("--device", "cpu"), 2, formats,
-            methods_flags=("--quick", "--repeats", "1", "--in-process"))
+            methods_flags=("--quick", "--repeats", "1", "--in-process"),
+            method_steps={"digits": ("--size", "digits", "--batch", "8", "--repeats", "1",
+                                     "--warmup", "1")})
     if mode == "tiny":  # the full mode's flags, at tiny sizes on the CPU
         return Plan(
             mode, "cpu", tuple(precisions or ("fp32", "bf16")), both,
@@ -202,7 +214,11 @@ def make_plan(mode: Literal["full", "tiny", "quick"],
              Tree("cityscapes", make_cityscapes, (32, 64), 4, 2)),
             ("--amp", "bf16", "--workers", "1", "--device", "cpu", "--crop", "32",
              "--batch-size", "2"), 1, formats,
-            methods_flags=("--sizes", "2x16x64x64", "--repeats", "1", "--in-process"))
+            methods_flags=("--sizes", "2x16x64x64", "--repeats", "1", "--in-process"),
+            # the CIRKD pair at 64 x 64; two methods, as the pair's steps are slow on a CPU
+            method_steps={"cityscapes": ("--size", "cityscapes", "--image", "64", "64",
+                                         "--repeats", "1", "--warmup", "1", "--methods",
+                                         "kd", "cirkd")})
     return Plan(
         mode, "cuda", tuple(precisions or ("fp32", "bf16")), both,
         ("--sizes", "64x64", "128x128", "128x256", "--repeats", "3", "--in-process"),
@@ -214,11 +230,14 @@ def make_plan(mode: Literal["full", "tiny", "quick"],
          Tree("cityscapes", make_cityscapes, (1024, 2048), 8, 2, ("--batch-size", "8"))),
         ("--amp", "bf16", "--workers", "4"), 3, formats,
         caps={"torchrun-voc": 150, "pipeline-voc": 120, "pipeline-cityscapes": 150,
-              "losses": 210, "torchrun-cityscapes": 240},
+              "losses": 210, "steps-cityscapes": 120, "torchrun-cityscapes": 240},
         # Cityscapes' training crops at output stride 8: CIRKD's (512 x 1024, its 512-channel
         # features, 2 images a GPU) and the pipeline's (769, 4 images)
         methods_flags=("--sizes", "2x512x64x128", "4x256x97x97", "--repeats", "3",
-                       "--in-process", "--memory-budget-gb", "64"))
+                       "--in-process", "--memory-budget-gb", "64"),
+        # CIRKD's Cityscapes setup per GPU: batch 2 of 512 x 1024, DeepLabV3-R101 -> R18
+        method_steps={"cityscapes": ("--size", "cityscapes", "--repeats", "5", "--warmup",
+                                     "2")})
 
 
 # ---- running commands within the budget ------------------------------------------------------
@@ -478,6 +497,23 @@ def pipeline(check: Check, part: Part, dataset: str) -> None:
     part.status = check.run(part, command, _env())
 
 
+# ---- every method's training step ------------------------------------------------------------
+
+def steps_command(plan: Plan, size: str, table: Path, raw: Path) -> list[str]:
+    """The command of ``benchmarks/method_steps.py`` at ``size`` (its ``--size``), writing
+    ``table`` and ``raw`` (JSON)."""
+    return [sys.executable, str(BENCHMARKS / "method_steps.py"), "--device", plan.device,
+            *plan.method_steps[size], "--markdown", str(table), "--json", str(raw)]
+
+
+def method_steps(check: Check, part: Part, size: str) -> None:
+    """One training step of every pipeline method beside the plain student's, at ``size``:
+    time, ratio and peak memory (the table keeps the rows done if the part is stopped)."""
+    command = steps_command(check.plan, size, check.out / part.table,
+                            check.out / "raw" / f"{part.key}.json")
+    part.status = check.run(part, command, _env())
+
+
 # ---- every stage under torchrun --------------------------------------------------------------
 
 def _png(path: Path, array: np.ndarray) -> None:
@@ -605,17 +641,22 @@ def machine(device: str) -> str:
 
 def schedule(plan: Plan) -> list[tuple[Part, Callable[[Check, Part], None]]]:
     """Every part of ``plan`` in the order they run: torchrun on the first tree, the
-    pipeline benchmark at each dataset's sizes, the losses, torchrun on the other trees."""
+    pipeline benchmark at each dataset's sizes, the losses, every method's step, torchrun
+    on the other trees."""
     def on_tree(tree: Tree) -> Callable[[Check, Part], None]:
         return lambda check, part: torchrun(check, part, tree)
 
     def at_size(dataset: str) -> Callable[[Check, Part], None]:
         return lambda check, part: pipeline(check, part, dataset)
 
+    def steps_at(size: str) -> Callable[[Check, Part], None]:
+        return lambda check, part: method_steps(check, part, size)
+
     first, *rest = plan.trees
     return [(Part(f"torchrun-{first.dataset}", f"torchrun, {first.dataset}"), on_tree(first)),
             *[(Part(f"pipeline-{d}", f"pipeline, {d}"), at_size(d)) for d in plan.pipeline],
             (Part("losses", "losses"), losses),
+            *[(Part(f"steps-{s}", f"method steps, {s}"), steps_at(s)) for s in plan.method_steps],
             *[(Part(f"torchrun-{t.dataset}", f"torchrun, {t.dataset}"), on_tree(t))
               for t in rest]]
 
@@ -635,11 +676,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "part (e.g. torchrun-voc, pipeline-cityscapes); default: all")
     parser.add_argument("--precisions", nargs="+", choices=PRECISIONS,
                         help="the losses' precisions (default: fp32 bf16; quick: bf16)")
-    parser.add_argument("--budget-s", type=float, default=360.0,
-                        help="the whole check's time budget in seconds (default 360)")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="the whole check's time budget in seconds (default 420)")
     parser.add_argument("--part-timeout", type=float, default=None,
                         help="the most seconds one part may take (default: the full mode's "
-                        "own caps, 150 to 240 s per part; otherwise no cap but the budget)")
+                        "own caps, 120 to 240 s per part; otherwise no cap but the budget)")
     parser.add_argument("--bundle", type=Path, metavar="DIR",
                         help="keep DIR/summary.md and DIR/gpu-check.tar.gz (the tables, logs "
                         "and figures) up to date after each part")

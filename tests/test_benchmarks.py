@@ -259,3 +259,118 @@ def test_capture_benchmark_times_both_layers(tmp_path):
     text = md.read_text()
     assert "| `layer2.1.bn2` | written in place later" in text and "| `layer2` |" in text
     assert "Command: `python benchmarks/capture.py --batch 1" in text
+
+
+def _method_steps_run(tmp_path, *flags: str) -> tuple[str, list[dict]]:
+    """Run benchmarks/method_steps.py (one subprocess) with ``flags``; its Markdown and its
+    raw results."""
+    md, out = tmp_path / "steps.md", tmp_path / "steps.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "method_steps.py"), *flags, "--repeats", "1",
+         "--warmup", "1", "--threads", "1", "--markdown", str(md), "--json", str(out)],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return md.read_text(), json.loads(out.read_text())
+
+
+def test_method_steps_table_has_a_row_per_method_beside_the_student(tmp_path):
+    pytest.importorskip("torchvision")
+    pytest.importorskip("torchdata")
+    text, raw = _method_steps_run(tmp_path, "--methods", "kd", "cirkd", "--batch", "4")
+    assert "batch 4 of 48 x 48, teacher digits_os4, student digits_os8, 11 classes" in text
+    rows = [r for r in _table_rows(text) if not r[0].startswith("method")]
+    assert [r[0] for r in rows] == ["student (no teacher)", "kd", "cirkd"]
+    assert [r["method"] for r in raw] == [r[0] for r in rows]
+    student = raw[0]
+    assert all(r["status"] == "ok" and r["seconds"] > 0 for r in raw), raw
+    mb = 2**20
+    for cells, result in zip(rows, raw):
+        step, ratio, peak, extra, resident, _ = cells[1:]
+        assert step == f"{result['seconds']:.4f}" and float(ratio) > 0
+        assert peak == f"{result['peak_bytes'] / mb:,.1f}"
+        assert resident == f"{result['resident_bytes'] / mb:,.1f}"
+        # the step holds more than what is resident at its start: activations at least
+        assert result["peak_bytes"] > result["resident_bytes"] > 0
+        if result is not student:
+            assert extra == f"{(result['peak_bytes'] - student['peak_bytes']) / mb:,.1f}"
+            # the teacher's weights are resident beside the student's, and it runs too
+            assert result["resident_bytes"] > student["resident_bytes"]
+            assert result["peak_bytes"] > student["peak_bytes"]
+    assert rows[0][2] == "1.00" and rows[0][4] == ""
+    assert rows[1][6] == ""  # kd has no relational term
+    # CIRKD's mini-batch term on the teacher's grid: 48 / 4 = 12
+    assert rows[2][6].startswith("minibatch: ~") and rows[2][6].endswith(" at 4 x 12 x 12")
+    assert raw[0]["dense"] == [] and raw[2]["dense"] == [rows[2][6]]
+    machine, load = text.rstrip().splitlines()[-3:][::2]
+    assert machine.startswith("Machine: ") and "benchmarks/method_steps.py --methods" in machine
+    assert load.startswith("Load average (1 min) ")
+
+
+def test_method_steps_cpu_peak_is_the_most_tensor_bytes_held_at_once():
+    pytest.importorskip("torchvision")
+    pytest.importorskip("torchdata")
+    bench = _load("method_steps")
+    kept = torch.ones(1000)  # held before the step: not part of its rise
+
+    def step() -> None:
+        a = torch.empty(2**20)  # 4 MiB
+        b = torch.ones(2**19)  # 2 MiB: 6 MiB held
+        del a
+        c = torch.zeros(3 * 2**18)  # 3 MiB: 5 MiB held
+        del b, c
+        kept.add_(1)
+
+    assert bench.peak_rise_bytes(step, torch.device("cpu")) == 6 * 2**20
+
+
+def test_method_steps_rows_of_a_method_that_did_not_fit_or_failed(tmp_path, monkeypatch):
+    pytest.importorskip("torchvision")
+    pytest.importorskip("torchdata")
+    bench = _load("method_steps")
+    args = bench.parse_args(["--methods", "kd"])
+    run = bench.Run(bench.SIZES["digits"].config(), None, tmp_path, torch.device("cpu"))
+    student = {"status": "ok", "peak_bytes": 2**20}
+    for error, status in [(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"),
+                           "did not fit"),
+                          (ValueError("term 'kd': bad grids; pass resize="),
+                           "failed (ValueError: term 'kd': bad grids)")]:
+        def build(*_args, error=error):
+            raise error
+
+        monkeypatch.setattr(bench, "build", build)
+        result, kept = bench.measure_row(run, bench.SIZES["digits"], "kd", None, args)
+        assert result["status"] == status and kept is None
+        assert bench.table_row("kd", result, student) == f"| kd | {status} |  |  |  |  |  |"
+    shown = bench.table_row("cirkd", {"status": "did not fit", "dense": ["minibatch: x"]},
+                            student)
+    assert shown == "| cirkd | did not fit |  |  |  |  | minibatch: x |"
+
+
+def test_method_steps_refuses_an_unknown_method():
+    pytest.importorskip("torchvision")
+    pytest.importorskip("torchdata")
+    with pytest.raises(SystemExit):
+        _load("method_steps").parse_args(["--methods", "kd+nope"])
+
+
+@pytest.mark.parametrize("mode, size, image, methods", [
+    ("full", "cityscapes", (512, 1024), None),  # CIRKD's setup per GPU, every method
+    ("tiny", "cityscapes", (64, 64), ["kd", "cirkd"]),
+    ("quick", "digits", (48, 48), None),
+])
+def test_the_gpu_checks_method_steps_part_parses(tmp_path, mode, size, image, methods):
+    pytest.importorskip("numpy")
+    pytest.importorskip("torchvision")
+    pytest.importorskip("torchdata")
+    gpu_check, bench = _load("gpu_check"), _load("method_steps")
+    plan = gpu_check.make_plan(mode)
+    (key,) = plan.method_steps
+    command = gpu_check.steps_command(plan, key, tmp_path / "t.md", tmp_path / "r.json")
+    assert command[1] == str(BENCHMARKS / "method_steps.py")
+    args = bench.parse_args(command[2:])
+    assert (args.size, args.image, args.device) == \
+        (size, image, "cuda" if mode == "full" else "cpu")
+    assert args.methods == (methods or bench.default_methods())
+    assert (args.markdown, args.json) == (str(tmp_path / "t.md"), str(tmp_path / "r.json"))
+    if mode == "full":
+        assert args.batch == 2 and "steps-cityscapes" in plan.caps

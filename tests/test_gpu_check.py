@@ -73,7 +73,7 @@ def test_every_command_of_the_full_and_tiny_modes_parses(tmp_path, mode):
     plan = gpu_check.make_plan(mode)
     parts = [part.key for part, _ in gpu_check.schedule(plan)]
     assert parts == ["torchrun-voc", "pipeline-voc", "pipeline-cityscapes", "losses",
-                     "torchrun-cityscapes"]
+                     "steps-cityscapes", "torchrun-cityscapes"]
     assert plan.precisions == ("fp32", "bf16")
     assert gpu_check.make_plan(mode, ["tf32"]).precisions == ("tf32",)
 
@@ -213,7 +213,7 @@ def test_an_empty_budget_still_writes_the_summary_and_the_bundle(tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     summary = (bundle / "summary.md").read_text()
     assert summary == (out / "summary.md").read_text()
-    for part in ("torchrun, digits", "pipeline, digits", "losses"):
+    for part in ("torchrun, digits", "pipeline, digits", "losses", "method steps, digits"):
         assert f"| {part} | skipped (time budget: 0 s left) | 0 | - |" in summary
     with tarfile.open(bundle / "gpu-check.tar.gz") as tar:
         assert {"gpu-check/summary.md", "gpu-check/MANIFEST.txt"} <= set(tar.getnames())
@@ -227,9 +227,10 @@ def test_the_quick_mode_writes_every_table(tmp_path):
     assert "] torchrun, digits: ok (" in proc.stdout  # the progress lines
     summary = (out / "summary.md").read_text()
     assert "# GPU check, quick (CPU, gloo)" in summary
-    for part in ("torchrun, digits", "pipeline, digits", "losses"):
+    for part in ("torchrun, digits", "pipeline, digits", "losses", "method steps, digits"):
         assert f"| {part} | ok |" in summary
-    assert summary.index("| torchrun, digits |") < summary.index("| losses |")
+    assert summary.index("| torchrun, digits |") < summary.index("| losses |") < \
+        summary.index("| method steps, digits |")
     affinity = (out / "affinity.md").read_text()
     assert "## affinity, bf16 autocast" in affinity
     assert "| 4, 256, 32x32 | 1,024 | fused |" in affinity
@@ -239,12 +240,16 @@ def test_the_quick_mode_writes_every_table(tmp_path):
     assert "distillation step / (teacher forward + student step) = " in pipeline
     torchrun = (out / "torchrun-digits.md").read_text()
     assert "| distill-knowledge_adaptation |" in torchrun and '"torchscript"' in torchrun
+    steps = (out / "steps-digits.md").read_text()
+    assert "batch 8 of 48 x 48, teacher digits_os4" in steps
+    assert "| student (no teacher) |" in steps and "| cirkd+holistic |" in steps
     distilled = out / "runs" / "digits" / "distill-knowledge_adaptation"
     assert (distilled / "export" / "student.pt2").is_file()
     assert (bundle / "summary.md").read_text() == summary
     with tarfile.open(bundle / "gpu-check.tar.gz") as tar:
         names = set(tar.getnames())
     assert {"gpu-check/summary.md", "gpu-check/affinity.md", "gpu-check/log.txt",
+            "gpu-check/steps-digits.md", "gpu-check/raw/steps-digits.json",
             "gpu-check/raw/affinity-bf16.json", "gpu-check/runs/digits/figures/digits.png",
             "gpu-check/runs/digits/distill-knowledge_adaptation/export/export.json"} <= names
     assert not any(n.endswith((".pt", ".pt2")) for n in names)

@@ -53,10 +53,12 @@ def _layers(run: Run) -> dict[str, Any]:
 
 
 OPTIONS: dict[str, MethodOptions] = {
+    # the student's map pooled onto the translator code's grid where they differ (an OS-8
+    # student beside the code of an OS-8 teacher, at OS 16); the paper's pairs match
     "knowledge_adaptation": lambda run: {
         **_layers(run), "translator": trained_translator(run),
         "adaptation_weight": run.config.adaptation_weight,
-        "affinity_weight": run.config.affinity_weight},
+        "affinity_weight": run.config.affinity_weight, "resize": "teacher"},
     "kd": lambda run: {"temperature": run.config.kd_temperature, "ignore_index": IGNORE_INDEX},
     # the student's map upsampled onto the teacher's grid, as in the paper's baselines
     "fitnet": lambda run: {**_layers(run), "resize": "teacher"},
