@@ -104,6 +104,30 @@ def test_the_ablation_driver(tmp_path, capsys):
     assert (out / "ablation.png").stat().st_size > 10_000
     assert not (out / "teacher").exists()  # the models go under --runs
 
+    # the same command again reads every finished row back, training nothing
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished row was trained again")
+
+    again = tmp_path / "again"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ablation.stages, "distill", no_training)
+        patch.setattr(ablation.stages, "train_student", no_training)
+        patch.setattr(ablation.stages, "train_teacher", no_training)
+        patch.setattr(ablation.stages, "train_translator_stage", no_training)
+        assert ablation.main(["--out", str(again), "--runs", str(tmp_path / "runs"),
+                              "--rows", "student", "kd_T2", "adaptation", "adaptation+affinity",
+                              "--seeds", "0", "1", "--beta", "3", "0.5", "--reuse-teacher",
+                              "--no-figure", *TINY]) == 0
+    reread = json.loads((again / "results.json").read_text())
+    assert [(r["method"], r["seed"], r["miou"]) for r in reread["rows"]] == [
+        (r["method"], r["seed"], r["miou"]) for r in saved["rows"]]
+    # merged with itself: every row twice as many runs, the teacher once
+    merged = tmp_path / "merged"
+    assert ablation.main(["--merge", str(out), str(again), "--out", str(merged), *TINY]) == 0
+    summary = json.loads((merged / "results.json").read_text())["summary"]
+    assert summary[0]["method"] == "teacher" and summary[0]["runs"] == 1
+    assert all(s["runs"] == 4 for s in summary[1:])
+
 
 def test_weight_variants_label_only_the_swept_weights():
     assert ablation.variants("adaptation", [50.0], [1.0, 10.0]) == [

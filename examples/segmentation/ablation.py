@@ -35,7 +35,8 @@ from examples.segmentation.cli import make_run
 from examples.segmentation.evaluation import evaluate
 from examples.segmentation.methods import TRANSLATOR_METHODS
 from examples.segmentation.reporting import footer, machine, visualize
-from examples.segmentation.run import Run
+from examples.segmentation.run import Run, resume_record
+from segdistill import load_checkpoint
 
 PAPER_BETA, PAPER_GAMMA = 50.0, 1.0
 """The paper's stage-2 weights of the adaptation and the affinity term."""
@@ -162,13 +163,36 @@ def format_table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _finished(run: Run, folder: str) -> tuple[dict[str, Any], list[dict[str, float]]] | None:
+    """The evaluation and the training history of a row already trained and evaluated
+    under ``folder`` with the same settings (a stopped ablation rerun continues where it
+    stopped), else ``None``."""
+    out = run.out / folder
+    if not ((out / "eval.json").is_file() and (out / "model.pt").is_file()
+            and (out / "checkpoint.pt").is_file()):
+        return None
+    state = load_checkpoint(out / "checkpoint.pt")
+    kind = "student" if folder.endswith("/student") else "distill"
+    steps = run.config.student_steps if kind == "student" else run.config.distill_steps
+    record = {**resume_record(run, kind), "processes": run.world_size}
+    saved = dict(state.get("config") or {})
+    defaults = configs.PipelineConfig()
+    for flag in set(record) - set(saved):  # a flag added since, at its default: the same run
+        saved[flag] = getattr(defaults, flag[2:].replace("-", "_"), None)
+    if int(state["step"]) != steps or saved != record:
+        return None  # another run's settings: trained again (and overwritten)
+    return json.loads((out / "eval.json").read_text()), list(state["history"])
+
+
 def run_ablation(run: Run, out: Path, rows: Sequence[str], seeds: Sequence[int],
                  betas: Sequence[float], gammas: Sequence[float],
                  figure: bool = True, reuse: bool = False) -> dict[str, Any]:
     """Train the teacher and (if a row needs it) the translator once, then every row for
     every seed; evaluate each model. Writes ``results.json`` (and the figure) to ``out``
     and returns what it holds. With ``reuse``, a teacher and a translator already
-    trained under ``run.out`` are taken as they are."""
+    trained under ``run.out`` are taken as they are. A row already trained and evaluated
+    with the same number of steps under ``run.out`` (a stopped ablation, rerun) is read
+    back instead of trained again."""
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         raise ValueError(f"unknown rows {unknown}; expected some of {', '.join(ROWS)}")
@@ -188,9 +212,13 @@ def run_ablation(run: Run, out: Path, rows: Sequence[str], seeds: Sequence[int],
             for label, fields in variants(row, betas, gammas):
                 seeded = run.with_config(seed=seed, **fields)
                 folder = _folder(label, seed)
-                history = (stages.train_student(seeded, folder) if method == "student"
-                           else stages.distill(seeded, method, folder))
-                scores = evaluate(seeded, folder, echo=False)
+                finished = _finished(seeded, folder)
+                if finished is not None:  # a rerun of the same command: taken as it is
+                    scores, history = finished
+                else:
+                    history = (stages.train_student(seeded, folder) if method == "student"
+                               else stages.distill(seeded, method, folder))
+                    scores = evaluate(seeded, folder, echo=False)
                 start, end = loss_scales(history)
                 results["rows"].append({**scores, "method": label, "seed": seed,
                                         "weights": fields, "terms_start": start,
