@@ -5,6 +5,7 @@ several methods in one command (issue 20)."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ pytest.importorskip("torchdata")
 from examples.segmentation.cli import main, parser
 from examples.segmentation.methods import (
     COMBINATIONS,
+    METHODS,
     check_method,
     needs_translator,
     parts,
@@ -105,3 +107,32 @@ def test_two_processes_train_a_memory_bank_and_a_discriminator(tmp_path):
     assert any(k.startswith("memory") or "memory" in k for k in log[-1]), log[-1]
     state = load_checkpoint(out / "distill-cirkd+holistic" / "checkpoint.pt")
     assert state["adversary"] is not None
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """One teacher and one translator on the digit scenes, for every method's test."""
+    out = tmp_path_factory.mktemp("digits") / "runs"
+    assert main(["teacher", *DIGITS, "--out", str(out)]) == 0
+    assert main(["translator", *DIGITS, "--translator-steps", "2", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_two_steps_on_the_digits(digits_run, method):
+    assert main(["distill", "--method", method, *DIGITS, "--out", str(digits_run)]) == 0
+    log = _log(digits_run / f"distill-{method}")
+    assert len(log) == 2 and all(math.isfinite(v) for v in log[-1].values())
+    assert len(set(log[-1]) - {"step", "lr", "loss", "ce"}) >= 1  # a distillation term
+
+
+@pytest.mark.slow
+def test_all_with_two_methods_on_the_digits(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["all", "--method", "kd", "cwd+holistic", *DIGITS,
+                 "--translator-steps", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| distill-kd |" in printed and "| distill-cwd+holistic |" in printed
+    assert not (out / "translator").exists()  # neither method needs it
+    assert (out / "figures" / "digits.png").is_file()
