@@ -228,6 +228,7 @@ def test_every_config_field_is_a_flag():
         "translator_lr": ("0.2", 0.2), "translator_weight_decay": ("0.01", 0.01),
         "adaptation_weight": ("2", 2.0), "affinity_weight": ("3", 3.0),
         "kd_temperature": ("6", 6.0), "amp": ("bf16", "bf16"), "workers": ("1", 1),
+        "cirkd_memory_weight": ("0.05", 0.05), "optimizer": ("adamw", "adamw"),
         "checkpoint_every": ("7", 7), "log_every": ("3", 3), "seed": ("11", 11),
         "threads": ("2", 2),
         "eval_batch_size": ("4", 4), "scenes": (["10", "5"], (10, 5)),

@@ -1,16 +1,16 @@
-"""Distillation checkpoints that point at the frozen teacher and translator instead of
-copying them.
+"""Distillation checkpoints that name the frozen teacher and translator they were trained
+against.
 
-A :class:`~segdistill.DistillationWrapper`'s ``state_dict`` holds the teacher
-and every teacher-side transform (the translator, once per term that shares
-it): about 1 GB at the translator's 2048 channels, written at every
-checkpoint, though none of it changes. :func:`reference_frozen` makes the
-wrapper's ``state_dict`` leave those modules out and hold instead, under
-``'frozen_files'``, the path and SHA-256 of the file each was loaded from.
-Loading such a state dict checks each file's hash against the one the
-checkpoint recorded, raises naming the file if it changed, and fills the
-frozen modules' entries from the modules themselves (which were built from
-those files), so a strict ``load_state_dict`` works as before.
+A :class:`~segdistill.DistillationWrapper`'s ``state_dict`` leaves the teacher and the
+teacher-side transforms (the translator) out: they are the ones the wrapper was built
+with. A resumed distillation must be built with the very same ones, so
+:func:`reference_frozen` makes the wrapper's ``state_dict`` hold, under
+``'frozen_files'``, the path and SHA-256 of the file each was loaded from. Loading
+such a state dict checks each file's hash against the one the checkpoint recorded,
+raises naming the file if it changed, and fills the frozen modules' entries from the
+modules themselves (which were built from those files), so a strict
+``load_state_dict`` works as before; an older checkpoint that holds the frozen modules
+loads too.
 """
 
 from __future__ import annotations
@@ -103,7 +103,11 @@ def reference_frozen(wrapper: DistillationWrapper,
     prefixes = {name + ".": owners[id(module)]
                 for name, module in wrapper.named_modules(remove_duplicate=False)
                 if id(module) in owners}
-    uncovered = sorted(key for key in wrapper.state_dict(keep_vars=True)
+    # the frozen parts' entries under every name they have (the wrapper's state_dict
+    # leaves them out, so they are listed from the modules)
+    names = [n for n, _ in wrapper.named_parameters(remove_duplicate=False)] + [
+        n for n, _ in wrapper.named_buffers(remove_duplicate=False)]
+    uncovered = sorted(key for key in names
                        if key.startswith(_frozen_prefixes(wrapper))
                        and not key.startswith(tuple(prefixes)))
     if uncovered:
