@@ -26,6 +26,8 @@ __all__ = [
     "OutputSelector",
     "Selector",
     "call_model",
+    "captured",
+    "check_map",
     "feature_shapes",
     "image_size",
     "parse_layer",
@@ -246,8 +248,35 @@ def _tensor(value: Any, what: str) -> Tensor:
     return value
 
 
+def captured(features: Mapping[str, Tensor], name: str, what: str) -> Tensor:
+    """The feature ``name`` of what the hooks captured (plus any outputs).
+
+    Raises:
+        RuntimeError: the feature was not captured (the forward did not run it).
+    """
+    if name not in features:
+        raise RuntimeError(f"{what} was not captured: did the forward run that module?")
+    return features[name]
+
+
+def check_map(x: Tensor, what: str) -> Tensor:
+    """``x``, checked to be a 4-D floating (B, C, H, W) feature map.
+
+    Raises:
+        ValueError: it is not 4-D.
+        TypeError: it is not floating point.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"expected {what} to be a 4-D (B, C, H, W) tensor, got shape "
+                         f"{tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected {what} to be floating point, got {x.dtype}")
+    return x
+
+
 def take_feature(features: Mapping[str, Tensor], name: str, what: str) -> Tensor:
-    """One captured feature map, checked to be a 4-D floating (B, C, H, W) tensor.
+    """One captured feature map, checked to be a 4-D floating (B, C, H, W) tensor
+    (:func:`captured`, then :func:`check_map`).
 
     Args:
         features: what :meth:`FeatureHooks.pop` returned (plus any outputs).
@@ -259,15 +288,7 @@ def take_feature(features: Mapping[str, Tensor], name: str, what: str) -> Tensor
         ValueError: it is not 4-D.
         TypeError: it is not floating point.
     """
-    if name not in features:
-        raise RuntimeError(f"{what} was not captured: did the forward run that module?")
-    x = features[name]
-    if x.ndim != 4:
-        raise ValueError(f"expected {what} to be a 4-D (B, C, H, W) tensor, got shape "
-                         f"{tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"expected {what} to be floating point, got {x.dtype}")
-    return x
+    return check_map(captured(features, name, what), what)
 
 
 class _Capture:

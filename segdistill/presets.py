@@ -920,7 +920,7 @@ def _merged_layers(wrappers: tuple[DistillationWrapper, ...], side: str,
         rename: dict[str, str] = {OUTPUT: OUTPUT}
         layers = wrapper.teacher_layers if side == "teacher" else wrapper.student_layers
         for name, spec in layers.items():
-            same = [n for n, s in merged.items() if s == spec and s.call == spec.call]
+            same = [n for n, s in merged.items() if s == spec]  # call and tokens compared too
             if same:
                 rename[name] = same[0]
                 continue

@@ -15,6 +15,8 @@ from segdistill.hooks import (
     FeatureHooks,
     OutputSelector,
     call_model,
+    captured,
+    check_map,
     image_size,
     select_output,
     take_feature,
@@ -528,7 +530,7 @@ class DistillationWrapper(nn.Module):
         images = inputs.get("pixel_values") if isinstance(inputs, Mapping) else inputs
         for name, term in self._terms():
             t = self._teacher_feature(teacher_feats, term, transformed)
-            s = self._feature("student", student_feats, term.student)
+            s = self._student_feature(student_feats, term.student)
             if s.shape[0] != t.shape[0]:
                 raise ValueError(f"term {name!r}: the student's batch has {s.shape[0]} "
                                  f"images but the teacher's {t.shape[0]}")
@@ -559,9 +561,7 @@ class DistillationWrapper(nn.Module):
         transform may turn tokens into a map)."""
         name, transform = term.teacher, term.teacher_transform
         what = "the teacher's output" if name == OUTPUT else self._teacher_hooks.what(name)
-        if name not in features:
-            raise RuntimeError(f"{what} was not captured: did the forward run that module?")
-        t = features[name]
+        t = captured(features, name, what)
         if name != OUTPUT and t.ndim == 4:
             _check_channels(t, self._teacher_hooks.specs[name], what)
         if transform is not None:
@@ -572,15 +572,15 @@ class DistillationWrapper(nn.Module):
                 with torch.no_grad():
                     transformed[key] = transform(t)
             t, what = transformed[key], f"{what} after its teacher_transform"
-        return take_feature({name: t}, name, what)
+        return check_map(t, what)
 
-    def _feature(self, side: str, features: dict[str, Tensor], name: str) -> Tensor:
-        """One side's feature ``name``, checked against its spec."""
+    def _student_feature(self, features: dict[str, Tensor], name: str) -> Tensor:
+        """The student's feature ``name`` (or its output), checked against its spec."""
         if name == OUTPUT:
-            return take_feature(features, name, f"the {side}'s output")
-        hooks = self._teacher_hooks if side == "teacher" else self._student_hooks
-        x = take_feature(features, name, hooks.what(name))
-        _check_channels(x, hooks.specs[name], hooks.what(name))
+            return take_feature(features, name, "the student's output")
+        what = self._student_hooks.what(name)
+        x = take_feature(features, name, what)
+        _check_channels(x, self._student_hooks.specs[name], what)
         return x
 
 

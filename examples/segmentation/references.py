@@ -7,8 +7,8 @@ with. A resumed distillation must be built with the very same ones, so
 :func:`reference_frozen` makes the wrapper's ``state_dict`` hold, under
 ``'frozen_files'``, the path and SHA-256 of the file each was loaded from. Loading
 such a state dict checks each file's hash against the one the checkpoint recorded,
-raises naming the file if it changed, and fills the frozen modules' entries from the
-modules themselves (which were built from those files), so a strict
+raises naming the file if it changed; the wrapper fills the frozen modules' entries
+from the modules themselves (which were built from those files), so a strict
 ``load_state_dict`` works as before; an older checkpoint that holds the frozen modules
 loads too.
 """
@@ -115,15 +115,15 @@ def reference_frozen(wrapper: DistillationWrapper,
                          f"{' ...' if len(uncovered) > 5 else ''}; pass the module that holds "
                          "them in files=")
 
-    def drop(module: nn.Module, state: dict[str, Any], prefix: str, local: Any) -> None:
-        for key in [k for k in state if k.startswith(prefix)]:
-            if key[len(prefix):].startswith(tuple(prefixes)):
-                del state[key]
+    # the wrapper's own state_dict leaves the frozen modules out and a load fills them in
+    # from the wrapper (segdistill.DistillationWrapper, save_frozen=False): these hooks
+    # only add the files' references and check them
+    def record(module: nn.Module, state: dict[str, Any], prefix: str, local: Any) -> None:
         state[prefix + FROZEN_FILES] = {k: dict(v) for k, v in references.items()}
 
-    def check_and_fill(module: nn.Module, state: dict[str, Any], prefix: str, local: Any,
-                       strict: bool, missing: list[str], unexpected: list[str],
-                       errors: list[str]) -> None:
+    def check(module: nn.Module, state: dict[str, Any], prefix: str, local: Any,
+              strict: bool, missing: list[str], unexpected: list[str],
+              errors: list[str]) -> None:
         recorded = state.pop(prefix + FROZEN_FILES, None)
         if recorded is None:
             return  # a state dict with the frozen modules in it (an older checkpoint)
@@ -138,11 +138,7 @@ def reference_frozen(wrapper: DistillationWrapper,
                     f"written: its SHA-256 is {current['sha256'][:16]}..., the checkpoint "
                     f"recorded {old['sha256'][:16]}... (of {old['path']}). Restore that file, "
                     "or start this stage afresh (without --resume)")
-        for path in prefixes:
-            owner = wrapper.get_submodule(path[:-1])
-            for key, value in owner.state_dict(keep_vars=True).items():
-                state.setdefault(prefix + path + key, value)
 
-    wrapper.register_state_dict_post_hook(drop)  # type: ignore[no-untyped-call]
-    wrapper.register_load_state_dict_pre_hook(check_and_fill)  # type: ignore[no-untyped-call]
+    wrapper.register_state_dict_post_hook(record)  # type: ignore[no-untyped-call]
+    wrapper.register_load_state_dict_pre_hook(check)  # type: ignore[no-untyped-call]
 
