@@ -320,6 +320,8 @@ class _Call(NamedTuple):
     source: Tensor | None
     version: int | None
     selected: bool
+    without_grad: bool
+    """Whether the call ran with gradients disabled."""
 
 
 class FeatureHooks:
@@ -397,7 +399,6 @@ class FeatureHooks:
                          for name, spec in specs.items()}
         self._calls: dict[str, list[_Call]] = {}
         self._counts: dict[str, int] = {}
-        self._no_grad: set[str] = set()
         self._copied: set[str] = set()  # layers written in place after capture: copied
         self._checked: set[str] = set()  # layers seen once without a later write
         self._handles: list[RemovableHandle] = []
@@ -427,10 +428,6 @@ class FeatureHooks:
         call = self.specs[name].call
         if (call is None and count > 1) or (call is not None and 0 <= call != count - 1):
             return  # raised at pop (None), or not the chosen call
-        if not torch.is_grad_enabled():
-            self._no_grad.add(name)
-        else:
-            self._no_grad.discard(name)
         value, source, selected = output, None, True
         if self.specs[name].selectors:
             try:
@@ -439,12 +436,11 @@ class FeatureHooks:
             except ValueError:
                 value, selected = output, False  # pop raises with the full message
         if selected and isinstance(value, Tensor):
-            copy_now = name in self._copied or name not in self._checked \
-                or torch.compiler.is_compiling()
-            source, value = value, (value.clone() if copy_now else value)
-            if torch.compiler.is_compiling():
-                source = None  # traced: the copy is the module's output, no counter to read
-        kept = _Call(value, source, _version(source), selected)
+            traced = torch.compiler.is_compiling()
+            copy_now = traced or name in self._copied or name not in self._checked
+            # traced: the copy is the module's output, and there is no counter to read
+            source, value = (None if traced else value), (value.clone() if copy_now else value)
+        kept = _Call(value, source, _version(source), selected, not torch.is_grad_enabled())
         calls = self._calls.setdefault(name, [])
         calls.append(kept)
         if call is not None and call < 0:
@@ -470,9 +466,10 @@ class FeatureHooks:
                 times than the chosen call, or its output was written in place
                 after capture in a step where the first step showed no write.
         """
-        calls, counts, no_grad = self._calls, self._counts, self._no_grad
-        self._calls, self._counts, self._no_grad = {}, {}, set()
-        self.without_grad = {name for name in calls if name in no_grad}
+        calls, counts = self._calls, self._counts
+        self._calls, self._counts = {}, {}
+        self.without_grad = {name for name, kept in calls.items()
+                             if kept and kept[0].without_grad}
         return {name: self._handed_out(name, calls.get(name, []), counts[name], image_size)
                 for name in counts}
 
@@ -512,7 +509,7 @@ class FeatureHooks:
 
     def clear(self) -> None:
         """Forget captured outputs (e.g. after a step that raised)."""
-        self._calls, self._counts, self._no_grad = {}, {}, set()
+        self._calls, self._counts = {}, {}
 
     def remove(self) -> None:
         """Unregister every hook; :meth:`attach` registers them again."""
