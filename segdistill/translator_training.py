@@ -92,7 +92,15 @@ class TranslatorTrainingConfig:
     """Continue from ``checkpoint_path`` if it exists: the translator, the
     optimiser, the step and the history are restored and the first batches,
     already seen, are skipped. With a shuffling ``DataLoader`` give it a seeded
-    generator so the order repeats."""
+    generator so the order repeats. The checkpoint records the settings the run
+    was written with (:attr:`record`); a resume with other settings is refused."""
+    record: Mapping[str, Any] | None = None
+    """What else the checkpoint records and a resume compares, beside the
+    optimisation fields (``lr``, ``momentum``, ``weight_decay``, ``alpha``,
+    ``input_key``): the settings this function cannot see, such as the batch
+    size, the data or the loader's seed (the pipeline passes its flags). Values
+    are compared with ``==``. ``epochs`` and ``max_steps`` may change on
+    resume: at a constant learning rate more steps continue the same run."""
     progress: bool = True
     """Show a tqdm progress bar when tqdm is installed."""
 
@@ -117,6 +125,24 @@ class TranslatorTrainingConfig:
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if (self.resume or self.checkpoint_every) and path is None:
             raise ValueError("resume and checkpoint_every need a checkpoint_path")
+        if self.record is not None and not isinstance(self.record, Mapping):
+            raise TypeError(f"record must be a mapping or None, got {type(self.record).__name__}")
+
+    def settings(self) -> dict[str, Any]:
+        """What a checkpoint records and a resume compares: the optimisation fields
+        and :attr:`record`.
+
+        Example:
+            >>> TranslatorTrainingConfig(record={"batch_size": 8}).settings()["batch_size"]
+            8
+        """
+        own = {name: getattr(self, name) for name in _COMPARED}
+        return {**own, **dict(self.record or {})}
+
+
+_COMPARED = ("lr", "momentum", "weight_decay", "alpha", "input_key")
+"""The fields a resume compares with the checkpoint's (the others say how long to train,
+where, and how the run is kept and shown)."""
 
 
 def _check_device(device: Any) -> None:
@@ -258,6 +284,7 @@ class _Run:
                 "optimizer": self.optimizer.state_dict(),
                 "step": self.step,
                 "history": self.history,
+                "settings": self.config.settings(),
                 "config": {
                     "in_channels": t.in_channels,
                     "latent_channels": t.latent_channels,
@@ -276,6 +303,7 @@ def _start(translator: Translator | None, config: TranslatorTrainingConfig,
     state = None
     if config.resume and path is not None and os.path.exists(path):
         state = load_checkpoint(path, map_location=device)
+        _check_settings(path, state.get("settings"), config.settings())
         if translator is None:
             translator = Translator(**state["config"])
     run = _Run(config, device, state)
@@ -284,6 +312,28 @@ def _start(translator: Translator | None, config: TranslatorTrainingConfig,
     if translator is not None:
         run.attach(translator)
     return run
+
+
+def _check_settings(path: str | os.PathLike[str], recorded: Mapping[str, Any] | None,
+                    current: Mapping[str, Any]) -> None:
+    """Refuse to resume from ``path`` when the settings it ``recorded`` differ from the
+    ``current`` ones, listing each difference (``None``: a checkpoint older than the
+    record, which is resumed as before)."""
+    if recorded is None:
+        return
+    names = [*current, *(name for name in recorded if name not in current)]
+
+    def shown(values: Mapping[str, Any], name: str) -> str:
+        return repr(values[name]) if name in values else "(none)"
+
+    changed = [f"  {name}: {shown(recorded, name)} in the checkpoint, "
+               f"{shown(current, name)} now" for name in names
+               if name not in recorded or name not in current
+               or recorded[name] != current[name]]
+    if changed:
+        raise ValueError(f"cannot resume from {os.fspath(path)}: it was written with other "
+                         "settings than this run's:\n" + "\n".join(changed) + "\ngive the "
+                         "values it records, or train afresh with resume=False")
 
 
 def _train_steps(run: _Run, teacher: nn.Module, hooks: FeatureHooks,

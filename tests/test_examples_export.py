@@ -91,6 +91,24 @@ def test_the_papers_student_exports_every_format(tmp_path):
     assert all(d < 1e-3 for d in diffs.values())
 
 
+def test_the_segformer_student_exports_and_says_what_to_do_where_it_cannot(tmp_path):
+    # the MiT-B0 student of the cirkd-cityscapes-b4-b0 recipe: torch.export and ONNX at a
+    # size that divides by its stride (32); TorchScript cannot script a Hugging Face model,
+    # and a size that does not divide fails in the tracer: each error says what to do
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    net = models.STUDENTS["segformer_mit_b0"].build(5, False)
+    formats = [f for f in FORMATS if f != "torchscript"]
+    result = export_student(net, torch.randn(2, 3, 64, 96), tmp_path / "ok", formats)
+    assert all(r["max_abs_diff"] <= r["tolerance"] for r in result["formats"].values())
+    with pytest.raises(RuntimeError, match=r"the torchscript export of SegFormer failed "
+                                           r"\(.*\)\. .*leave it out \(--formats pt2 onnx\)"):
+        export_student(net, torch.randn(2, 3, 64, 64), tmp_path / "ts", ["torchscript"])
+    with pytest.raises(RuntimeError, match=r"the pt2 export of SegFormer failed .* from the "
+                                           r"48 x 48 images; .*divide by its stride"):
+        export_student(net, torch.randn(2, 3, 48, 48), tmp_path / "odd", ["pt2"])
+
+
 class _Cancelling(nn.Module):
     """A 1x1 convolution of ``x + 1e5`` less that of ``1e5``: float32 rounds ``x`` there to
     about 1e-2, float64 does not (an ill-conditioned network)."""

@@ -194,6 +194,30 @@ def test_the_pipeline_refuses_changed_flags_naming_them(tmp_path):
     assert [row["step"] for row in history] == [1, 2, 3]
 
 
+def test_the_translator_stage_refuses_changed_flags_and_may_run_longer(tmp_path):
+    run = _digits_run(tmp_path, translator_steps=1, teacher_steps=1)
+    stages.train_teacher(run)
+    stages.train_translator_stage(run)
+    path = run.out / "translator" / "checkpoint.pt"
+    recorded = load_checkpoint(path)["settings"]
+    assert recorded["--translator-lr"] == run.config.translator_lr
+    assert "--translator-steps" not in recorded and "--student-steps" not in recorded
+    saved = path.read_bytes()
+
+    def resume(**values):
+        return stages.train_translator_stage(run_module.Run(
+            run.config.override(**values), None, run.out, run.device, resume=True,
+            progress=False))
+
+    with pytest.raises(ValueError, match=r"(?s)cannot resume from .*checkpoint\.pt.*"
+                                         r"  --batch-size: 4 in the checkpoint, 2 now"
+                                         r".*  --translator-lr: 0\.1 in the checkpoint, 0\.5 now"):
+        resume(translator_lr=0.5, batch_size=2)
+    assert path.read_bytes() == saved
+    # more steps continue the run; other stages' flags may change
+    assert len(resume(translator_steps=2, student_steps=9)) == 2
+
+
 def test_resume_records_name_real_fields_and_leave_out_the_safe_ones(tmp_path):
     names = {f.name for f in PipelineConfig.__dataclass_fields__.values()}
     assert set(RESUME_SAFE) <= names and set(STAGE_FIELDS) <= names

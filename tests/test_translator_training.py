@@ -87,6 +87,35 @@ def test_checkpoint_loads_with_weights_only_and_resume_is_exact(tmp_path):
     assert not list(path.parent.glob("*.tmp"))
 
 
+def test_resume_with_other_settings_is_refused(tmp_path):
+    teacher, _ = tiny_pair()
+    path = tmp_path / "translator.pt"
+    first = dict(max_steps=2, progress=False, checkpoint_path=path, record={"batch": 4})
+    train_translator(teacher, _loader(), "relu", translator=_seeded_translator(),
+                     config=_config(**first))
+    state = torch.load(path, weights_only=True)
+    assert state["settings"] == {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
+                                 "alpha": 1e-7, "input_key": None, "batch": 4}
+    again = {**first, "resume": True}
+    with pytest.raises(ValueError, match=r"(?s)other settings.*  lr: 0.1 in the checkpoint, "
+                       r"0.05 now"):
+        train_translator(teacher, _loader(), "relu", config=_config(**again, lr=0.05))
+    with pytest.raises(ValueError, match=r"  batch: 4 in the checkpoint, 8 now"):
+        train_translator(teacher, _loader(), "relu",
+                         config=_config(**{**again, "record": {"batch": 8}}))
+    with pytest.raises(ValueError, match=r"  batch: 4 in the checkpoint, \(none\) now"):
+        train_translator(teacher, _loader(), "relu", config=_config(**{**again, "record": None}))
+    # more steps and more epochs continue the same run; an older checkpoint records nothing
+    longer = train_translator(teacher, _loader(), "relu",
+                              config=_config(**{**again, "max_steps": 3, "epochs": 2}))
+    assert len(longer.history) == 3
+    del state["settings"]
+    torch.save(state, path)
+    assert len(train_translator(teacher, _loader(), "relu",
+                                config=_config(**{**again, "max_steps": 3, "lr": 0.05})
+                                ).history) == 3
+
+
 def _seeded_translator():
     torch.manual_seed(3)
     return Translator(12, latent_channels=4)

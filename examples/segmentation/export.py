@@ -106,6 +106,27 @@ def _onnx(model: nn.Module, path: Path, example: Tensor) -> Callable[[Tensor], T
 WRITERS: dict[str, Callable[[nn.Module, Path, Tensor], Callable[[Tensor], Tensor]]] = {
     "torchscript": _script, "pt2": _pt2, "onnx": _onnx}
 
+_TRACED = ("torch.export traces the network with a dynamic batch, height and width from "
+           "the {h} x {w} images; a network whose sizes must divide by its stride (SegFormer: "
+           "32) may fail at others: export from images of such a size")
+HINTS = {"torchscript": "TorchScript compiles the Python source itself and refuses much of "
+                        "what models use (Hugging Face models, SegFormer among them): leave "
+                        "it out (--formats pt2 onnx)",
+         "pt2": _TRACED, "onnx": _TRACED}
+"""What to do when a format fails, by format (the export stage's error says it)."""
+
+
+def _write(name: str, model: nn.Module, path: Path, images: Tensor) -> Callable[[Tensor], Tensor]:
+    """``WRITERS[name]``, whose failure says which format and network failed and what to
+    do (:data:`HINTS`), with the exporter's own error chained."""
+    try:
+        return WRITERS[name](model, path, images)
+    except Exception as error:  # the exporters raise many kinds; each is re-raised as one
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        hint = HINTS[name].format(h=images.shape[2], w=images.shape[3])
+        raise RuntimeError(f"the {name} export of {type(model).__name__} failed "
+                           f"({type(error).__name__}: {first}). {hint}") from error
+
 
 def check_formats(formats: Sequence[str]) -> None:
     """Fail now, before any work, on an unknown format or a missing ONNX package.
@@ -158,6 +179,8 @@ def export_student(model: nn.Module, images: Tensor, folder: Path,
     Raises:
         ValueError: fewer than two images; an unknown format; a format whose
             output differs from the eager model's by more than the tolerance.
+        RuntimeError: a format cannot write the network (the message names it and
+            says what to do, :data:`HINTS`; the exporter's error is chained).
         ModuleNotFoundError: see :func:`check_formats`.
 
     Example:
@@ -185,7 +208,7 @@ def export_student(model: nn.Module, images: Tensor, folder: Path,
     rounding: float | None = None  # the eager model's own, measured when first needed
     for name in formats:
         path = folder / FILES[name]
-        run = WRITERS[name](model, path, images)
+        run = _write(name, model, path, images)
         diff = max(float((run(x) - ref).abs().max()) for x, ref in zip(inputs, references,
                                                                         strict=True))
         if not diff <= tolerance and rounding is None:

@@ -42,6 +42,7 @@ from examples.segmentation.run import (
     build_teacher,
     dataset,
     new_translator,
+    resume_record,
     stage_lock,
     sync_bn,
     teacher_feature,
@@ -126,11 +127,20 @@ def _train_translator(run: Run) -> list[float]:
             max_steps=min(steps) if steps else None,
             checkpoint_path=run.out / "translator" / "checkpoint.pt",
             checkpoint_every=c.checkpoint_every, resume=run.resume,
-            progress=run.progress),
+            progress=run.progress, record=translator_record(run)),
     )
     save_checkpoint({"model": result.translator.state_dict(), "history": result.history},
                     run.out / "translator" / "model.pt")
     return result.history
+
+
+def translator_record(run: Run) -> dict[str, Any]:
+    """The flags the translator's checkpoint records and a ``--resume`` compares: the
+    stage's (:func:`~examples.segmentation.run.resume_record`) but its length
+    (``--translator-epochs``, ``--translator-steps``), which a resume may extend: at a
+    constant learning rate more steps continue the same run."""
+    free = {"--translator-epochs", "--translator-steps"}
+    return {k: v for k, v in resume_record(run, "translator").items() if k not in free}
 
 
 def distill(run: Run, method: str, name: str | None = None) -> list[dict[str, float]]:
