@@ -168,12 +168,16 @@ def _index(value: Any, selector: Selector, what: str) -> Any:
 
 
 def _example(layer: str, value: Any) -> str:
-    """A layer path that would pick a tensor out of ``value``, to suggest in a message."""
+    """Layer paths that would pick a tensor out of ``value``, to suggest in a message:
+    a mapping's first tensor key; a sequence's first and last elements (a Hugging Face
+    layer's hidden states come first, a feature pyramid's deepest map last)."""
     if isinstance(value, Mapping):
         for key, item in value.items():
             if isinstance(item, Tensor):
-                return f"{layer}[{key!r}]"
-    return f"{layer}[-1]"
+                return repr(f"{layer}[{key!r}]")
+    if isinstance(value, (tuple, list)) and len(value) > 1:
+        return f"{layer + '[0]'!r} (the first) or {layer + '[-1]'!r} (the last)"
+    return repr(f"{layer}[-1]")
 
 
 def _select_layer(value: Any, layer: str, selectors: tuple[Selector, ...], what: str) -> Tensor:
@@ -184,7 +188,7 @@ def _select_layer(value: Any, layer: str, selectors: tuple[Selector, ...], what:
         return value
     raise ValueError(
         f"{what} {layer!r} returns {_describe(value)}, not a tensor; select one in the layer "
-        f"path with Python indexing (an int or a quoted key), e.g. {_example(layer, value)!r}"
+        f"path with Python indexing (an int or a quoted key), e.g. {_example(layer, value)}"
     )
 
 

@@ -616,7 +616,8 @@ def test_structured_layer_without_selector_raises_with_what_it_holds():
                                          r"\(\[0\] Tensor\(2, 3, 16, 16\), \[1\] Tensor\(2, "
                                          r"6, 8, 8\), \[2\] Tensor\(2, 6, 4, 4\)\), not a "
                                          r"tensor; select one in the layer path with Python "
-                                         r"indexing .*e.g. 'encoder\[-1\]'"):
+                                         r"indexing .*e.g. 'encoder\[0\]' \(the first\) or "
+                                         r"'encoder\[-1\]' \(the last\)"):
         wrapper(torch.randn(2, 3, 16, 16))
     assert wrapper._student_hooks._calls == {}
 
