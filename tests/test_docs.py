@@ -77,3 +77,17 @@ def test_the_built_docs_load_nothing_from_another_host(tmp_path):
             assert target.is_file(), (page.name, url)
             mathjax |= "mathjax" in url
     assert mathjax, "no page loads the bundled MathJax"
+
+
+@pytest.mark.skipif(not DOCS.is_dir(), reason="run from a source checkout")
+def test_the_readmes_method_table_is_the_committed_ablations():
+    """Each mean ± std of the README's every-method table is a row of
+    docs/ablation/methods/summary.md (written by the ablation script), in its order."""
+    readme = (DOCS.parent / "README.md").read_text()
+    start = readme.index("Every method at its preset's reference weights")
+    table = readme[start:readme.index("\n\n", readme.index("| method |", start))]
+    shown = re.findall(r"\| (\d+\.\d\d ± \d+\.\d\d) \|", table)
+    summary = (DOCS / "ablation" / "methods" / "summary.md").read_text()
+    measured = re.findall(r"^\| \S+ \| 3 \| (\d+\.\d\d ± \d+\.\d\d) \|", summary,
+                          flags=re.MULTILINE)
+    assert len(shown) == 12 and shown == measured
