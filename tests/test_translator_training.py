@@ -186,7 +186,7 @@ def test_a_selector_on_the_feature_layer_and_batch_forms(batches):
     result = train_translator(teacher, batches, "0[-1]", config=_config(progress=False))
     assert result.translator.in_channels == 6
     with pytest.raises(ValueError, match=r"the teacher's layer '0' returns list of 2 .*e.g. "
-                                         r"'0\[-1\]'"):
+                                         r"'0\[0\]' \(the first\) or '0\[-1\]' \(the last\)"):
         train_translator(teacher, batches, "0", config=_config(progress=False))
 
 

@@ -162,7 +162,8 @@ def test_smp_deeplabv3plus_pairwise_on_the_decoder_and_the_raw_encoder_error():
     wrapper = presets.pairwise(teacher, student, teacher_layer="encoder[-1]",
                                student_layer="encoder")
     with pytest.raises(ValueError, match=r"the student's layer 'encoder' returns list of 6 "
-                                         r"\(\[0\] Tensor\(2, 3, 32, 32\), .*e.g. 'encoder\[-1\]'"):
+                                         r"\(\[0\] Tensor\(2, 3, 32, 32\), .*e.g. 'encoder\[0\]' "
+                                         r"\(the first\) or 'encoder\[-1\]'"):
         wrapper(_batch()[0])
 
 
