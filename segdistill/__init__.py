@@ -11,7 +11,7 @@ that wire each method into a :class:`DistillationWrapper` are in
 
 from segdistill import presets
 from segdistill.adapter import Adapter
-from segdistill.checkpoint import load_checkpoint, save_checkpoint
+from segdistill.checkpoint import changed_settings, load_checkpoint, save_checkpoint
 from segdistill.feature_spec import FeatureSpec
 from segdistill.hooks import FeatureHooks
 from segdistill.losses import (
@@ -102,6 +102,7 @@ __all__ = [
     "attach_discriminator_loss",
     "attention_map",
     "attention_transfer_loss",
+    "changed_settings",
     "cirkd_loss",
     "cwd_loss",
     "discriminator_optimizer",

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["changed_settings", "load_checkpoint", "save_checkpoint"]
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -108,3 +109,23 @@ def load_checkpoint(
     if not isinstance(state, dict):
         raise ValueError(f"{target} does not hold a checkpoint dict")
     return state
+
+
+def changed_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The settings a checkpoint ``recorded`` that differ from the ``current`` run's, one
+    line each with both values: what a resume that refuses other settings lists.
+
+    The names come in ``current``'s order, then those only ``recorded`` has; a name that
+    one side lacks shows ``(none)`` there. Values are compared with ``==``.
+
+    Example:
+        >>> changed_settings({"lr": 0.1, "batch": 8}, {"lr": 0.05, "batch": 8, "seed": 0})
+        ['  lr: 0.1 in the checkpoint, 0.05 now', '  seed: (none) in the checkpoint, 0 now']
+    """
+    def shown(values: Mapping[str, Any], name: str) -> str:
+        return repr(values[name]) if name in values else "(none)"
+
+    names = [*current, *(name for name in recorded if name not in current)]
+    return [f"  {name}: {shown(recorded, name)} in the checkpoint, {shown(current, name)} now"
+            for name in names
+            if name not in recorded or name not in current or recorded[name] != current[name]]

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from segdistill._checks import check_positive_int, check_real
-from segdistill.checkpoint import load_checkpoint, save_checkpoint
+from segdistill.checkpoint import changed_settings, load_checkpoint, save_checkpoint
 from segdistill.hooks import FeatureHooks, image_size, select_output, take_feature
 from segdistill.losses.reconstruction import reconstruction_loss
 from segdistill.translator import Translator
@@ -319,17 +319,7 @@ def _check_settings(path: str | os.PathLike[str], recorded: Mapping[str, Any] | 
     """Refuse to resume from ``path`` when the settings it ``recorded`` differ from the
     ``current`` ones, listing each difference (``None``: a checkpoint older than the
     record, which is resumed as before)."""
-    if recorded is None:
-        return
-    names = [*current, *(name for name in recorded if name not in current)]
-
-    def shown(values: Mapping[str, Any], name: str) -> str:
-        return repr(values[name]) if name in values else "(none)"
-
-    changed = [f"  {name}: {shown(recorded, name)} in the checkpoint, "
-               f"{shown(current, name)} now" for name in names
-               if name not in recorded or name not in current
-               or recorded[name] != current[name]]
+    changed = [] if recorded is None else changed_settings(recorded, current)
     if changed:
         raise ValueError(f"cannot resume from {os.fspath(path)}: it was written with other "
                          "settings than this run's:\n" + "\n".join(changed) + "\ngive the "

@@ -51,6 +51,7 @@ from examples.segmentation.locks import process_alive
 from examples.segmentation.models import param_groups
 from segdistill import (
     DistillationWrapper,
+    changed_settings,
     discriminator_optimizer,
     load_checkpoint,
     save_checkpoint,
@@ -522,13 +523,7 @@ def check_resume(path: str, recorded: Mapping[str, Any] | None, current: Mapping
                       "cannot check that this run's match it", RuntimeWarning, stacklevel=3)
         return
 
-    def shown(record: Mapping[str, Any], name: str) -> str:
-        return repr(record[name]) if name in record else "(none)"
-
-    names = [*current, *(name for name in recorded if name not in current)]
-    changed = [f"  {name}: {shown(recorded, name)} in the checkpoint, {shown(current, name)} now"
-               for name in names
-               if name not in recorded or name not in current or recorded[name] != current[name]]
+    changed = changed_settings(recorded, current)
     if not changed:
         return
     schedule = (f" Its poly schedule was planned for {planned} steps (the learning rate "
