@@ -308,8 +308,7 @@ def test_segformer_loads_a_local_encoder_and_nothing_else(tmp_path):
 
 
 def test_every_library_preset_is_a_pipeline_method():
-    from examples.segmentation.methods import METHODS, NOT_YET, OPTIONS
+    from examples.segmentation.methods import METHODS, OPTIONS
     from segdistill.presets import PRESETS
 
-    assert set(METHODS) == set(OPTIONS) == set(PRESETS) - set(NOT_YET)
-    assert set(NOT_YET) <= set(PRESETS)
+    assert set(METHODS) == set(OPTIONS) == set(PRESETS)

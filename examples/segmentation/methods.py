@@ -26,7 +26,6 @@ from segdistill import DistillationWrapper, Translator, presets
 __all__ = [
     "COMBINATIONS",
     "METHODS",
-    "NOT_YET",
     "OPTIONS",
     "TRANSLATOR_METHODS",
     "check_method",
@@ -83,12 +82,9 @@ OPTIONS: dict[str, MethodOptions] = {
 }
 """Each method's preset options, by the preset's registry name."""
 
-NOT_YET: dict[str, str] = {}
-"""Registry presets the pipeline does not run yet, and why (none now)."""
-
 METHODS: tuple[str, ...] = tuple(OPTIONS)
-"""The names ``--method`` takes: the registry's, less :data:`NOT_YET`; and any of
-them joined by ``+`` (see :func:`parts`)."""
+"""The names ``--method`` takes: the registry's; and any of them joined by ``+`` (see
+:func:`parts`)."""
 
 TRANSLATOR_METHODS = frozenset({"knowledge_adaptation"})
 """The methods that need the translator stage first."""
