@@ -68,7 +68,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,9 +93,12 @@ from examples.segmentation.run import (  # noqa: E402
     new_translator,
     train_config,
 )
-from examples.segmentation.training import make_adversary, make_optimizer  # noqa: E402
+from examples.segmentation.training import (  # noqa: E402
+    make_adversary,
+    make_optimizer,
+    step_loss,
+)
 from segdistill import DistillationWrapper, save_checkpoint  # noqa: E402
-from segdistill.hooks import select_output  # noqa: E402
 
 STUDENT = "student (no teacher)"
 """The plain student's row."""
@@ -163,22 +165,14 @@ def _batch(run: Run, size: Size, batch: int, image: tuple[int, int]) -> tuple[Te
 
 def make_step(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], images: Tensor,
               labels: Tensor) -> Callable[[], None]:
-    """One training step of ``model`` (a wrapper, or a plain segmenter) on one batch: the
-    forward pass, the cross-entropy (plus the distillation loss), backward, and a step of
-    every optimiser."""
+    """One training step of ``model`` (a wrapper, or a plain segmenter) on one batch, as the
+    pipeline runs it: its loss (:func:`~examples.segmentation.training.step_loss`, the
+    cross-entropy plus the distillation terms), backward, and a step of every optimiser."""
     distilling = isinstance(model, DistillationWrapper)
 
     def step() -> None:
-        if distilling:
-            out = model(images, target=labels)
-            logits, distill = select_output(out.output), out.loss
-        else:
-            logits, distill = select_output(model(images)), None
-        if logits.shape[-2:] != labels.shape[-2:]:
-            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear",
-                                   align_corners=False)
-        loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
-        (loss if distill is None else loss + distill).backward()
+        _, loss = step_loss(model, distilling, images, labels, IGNORE_INDEX)
+        loss.backward()  # type: ignore[no-untyped-call]
         for optimizer in optimizers:
             optimizer.step()
         for optimizer in optimizers:

@@ -657,7 +657,7 @@ def train_one_batch(run: _Run, images: Tensor, labels: Tensor) -> dict[str, floa
     with sync:
         with torch.autocast(run.device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
-            part, loss = _step_loss(run.train_model, isinstance(run.model, DistillationWrapper),
+            part, loss = step_loss(run.train_model, isinstance(run.model, DistillationWrapper),
                                     images, labels, run.config.ignore_index)
         if not math.isfinite(part["loss"]):
             raise _diverged(run, _loss_account(part, run), "before its backward pass",
@@ -793,8 +793,11 @@ def _cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
     return logits.float().sum() * 0.0
 
 
-def _step_loss(model: nn.Module, distilling: bool, images: Tensor, labels: Tensor,
-               ignore_index: int) -> tuple[dict[str, float], Tensor]:
+def step_loss(model: nn.Module, distilling: bool, images: Tensor, labels: Tensor,
+              ignore_index: int) -> tuple[dict[str, float], Tensor]:
+    """One batch's training loss: the cross-entropy of the logits (upsampled to the labels'
+    grid where they differ) plus, when ``distilling`` (``model`` is a wrapper), the
+    distillation terms; and its row for the log (``loss``, ``ce``, each term)."""
     terms: dict[str, Tensor] = {}
     if distilling:
         out = model(images, target=labels)
